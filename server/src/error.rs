@@ -1,0 +1,50 @@
+//! The domain error. The gRPC layer maps each variant to one status code in
+//! exactly one place (`grpc::status`).
+
+use crate::store::StoreError;
+
+/// What can go wrong in the domain core, by the caller's point of view.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or breaks a limit; `field` names the input.
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        /// The offending field, e.g. `tasks[0].payload`.
+        field: String,
+        /// What is wrong, naming the limit where there is one.
+        message: String,
+    },
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The operation is not allowed in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A size, count or rate limit was reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The server is shutting down or its core has stopped.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Error {
+    /// An `InvalidArgument` for `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument { field: field.into(), message: message.into() }
+    }
+
+    /// Prefixes the field of an `InvalidArgument` with `prefix` (for nested
+    /// inputs such as `tasks[3]`); other variants are unchanged.
+    pub fn in_field(self, prefix: &str) -> Self {
+        match self {
+            Self::InvalidArgument { field, message } => {
+                Self::InvalidArgument { field: format!("{prefix}.{field}"), message }
+            }
+            other => other,
+        }
+    }
+}

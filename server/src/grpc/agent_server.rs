@@ -1,0 +1,181 @@
+//! `AgentService.Connect`: one bidirectional session per agent process.
+//!
+//! The handler validates the first message, registers the session with the
+//! scheduler, then runs two small tasks: a reader that turns inbound
+//! messages into scheduler commands, and a forwarder that turns scheduler
+//! messages into the response stream. A malformed message, a flood or a
+//! foreign report ends this session only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use muster_proto::pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use super::convert;
+use crate::config::ServerConfig;
+use crate::error::Error;
+use crate::model::AgentId;
+use crate::scheduler::{Command, CoreHandle, ToAgent};
+
+/// How long a new stream may take to send its `register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Thin handler: one reader and one forwarder per session.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentHandler {
+    pub(crate) core: CoreHandle,
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+type Outbound = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentHandler {
+    type ConnectStream = ReceiverStream<Result<pb::ServerMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no register message within {}s of connecting",
+                    REGISTER_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(Status::invalid_argument("the stream ended before its register message")),
+            Ok(Ok(Some(message))) => message,
+        };
+        let register = match first.msg {
+            Some(pb::agent_message::Msg::Register(register)) => register,
+            _ => return Err(Status::invalid_argument("msg: the first message of a session must be register")),
+        };
+        let registration = convert::registration(register, &self.config)?;
+        let (to_agent, from_core) = mpsc::unbounded_channel();
+        let (agent, conn) =
+            self.core.call(|reply| Command::Register { registration, tx: to_agent, reply }).await?;
+        let (outbound, response) = mpsc::channel(256);
+        tokio::spawn(forward(from_core, outbound.clone(), self.shutdown.clone()));
+        tokio::spawn(read(inbound, agent, conn, self.core.clone(), self.config.clone(), outbound));
+        Ok(Response::new(ReceiverStream::new(response)))
+    }
+}
+
+/// Scheduler messages to the wire, until the scheduler lets go of the
+/// session, closes it, or the client goes away.
+async fn forward(mut from_core: mpsc::UnboundedReceiver<ToAgent>, outbound: Outbound, shutdown: CancellationToken) {
+    loop {
+        let message = tokio::select! {
+            message = from_core.recv() => message,
+            _ = shutdown.cancelled() => {
+                let _ = outbound.send(Err(Status::unavailable("the server is shutting down"))).await;
+                return;
+            }
+        };
+        let Some(message) = message else { return };
+        let item = convert::server_message(message);
+        let closing = item.is_err();
+        if outbound.send(item).await.is_err() || closing {
+            return;
+        }
+    }
+}
+
+/// Inbound messages to scheduler commands, with a per-session rate limit.
+async fn read(
+    mut inbound: Streaming<pb::AgentMessage>,
+    agent: AgentId,
+    conn: u64,
+    core: CoreHandle,
+    config: Arc<ServerConfig>,
+    outbound: Outbound,
+) {
+    let mut bucket = TokenBucket::new(config.limits.max_agent_messages_per_second);
+    loop {
+        let received = tokio::select! {
+            received = inbound.message() => received,
+            _ = outbound.closed() => break,
+        };
+        let message = match received {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(status) => {
+                debug!(agent = %agent, %status, "agent stream ended with an error");
+                break;
+            }
+        };
+        if !bucket.take(Instant::now()) {
+            let limit = config.limits.max_agent_messages_per_second;
+            warn!(agent = %agent, limit, "closing a session that exceeded its message rate");
+            let error = Error::ResourceExhausted(format!(
+                "the agent sent more than {limit} messages per second (max_agent_messages_per_second)"
+            ));
+            let _ = outbound.send(Err(error.into())).await;
+            break;
+        }
+        match convert::report(message, &config) {
+            Ok(report) => {
+                if core.send(Command::Report { agent, conn, report }).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                warn!(agent = %agent, %error, "closing a session that sent a malformed message");
+                let _ = outbound.send(Err(error.into())).await;
+                break;
+            }
+        }
+    }
+    let _ = core.send(Command::Disconnected { agent, conn }).await;
+}
+
+/// Allows `rate` messages per second on average, with bursts of twice that.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self { rate, tokens: rate * 2.0, at: Instant::now() }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * 2.0);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_bursts_then_the_steady_rate() {
+        let mut bucket = TokenBucket::new(10);
+        let now = Instant::now();
+        assert_eq!((0..25).filter(|_| bucket.take(now)).count(), 20);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!((0..25).filter(|_| bucket.take(Instant::now())).count(), 5);
+    }
+}

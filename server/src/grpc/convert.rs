@@ -1,0 +1,458 @@
+//! Conversions between `muster.v1` wire types and the domain model, with
+//! validation of everything that comes in.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use muster_proto::pb;
+
+use crate::config::ServerConfig;
+use crate::error::Error;
+use crate::model::*;
+use crate::scheduler::ToAgent;
+use crate::validate;
+
+pub(crate) fn timestamp(ms: Millis) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
+}
+
+fn opt_timestamp(ms: Option<Millis>) -> Option<prost_types::Timestamp> {
+    ms.map(timestamp)
+}
+
+pub(crate) fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn from_duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Error> {
+    match d {
+        None => Ok(None),
+        Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
+            Err(Error::invalid(field, "must be a non-negative duration"))
+        }
+        Some(d) => Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32))),
+    }
+}
+
+fn from_timestamp(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<Millis>, Error> {
+    match t {
+        None => Ok(None),
+        Some(t) if t.seconds < 0 || t.nanos < 0 || t.nanos >= 1_000_000_000 => {
+            Err(Error::invalid(field, "must be a timestamp after 1970"))
+        }
+        Some(t) => Ok(Some(t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)),
+    }
+}
+
+pub(crate) fn state_to_pb(state: TaskState) -> pb::TaskState {
+    match state {
+        TaskState::Pending => pb::TaskState::Pending,
+        TaskState::Queued => pb::TaskState::Queued,
+        TaskState::Assigned => pb::TaskState::Assigned,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+pub(crate) fn state_from_pb(field: &str, value: i32) -> Result<TaskState, Error> {
+    match pb::TaskState::try_from(value) {
+        Ok(pb::TaskState::Pending) => Ok(TaskState::Pending),
+        Ok(pb::TaskState::Queued) => Ok(TaskState::Queued),
+        Ok(pb::TaskState::Assigned) => Ok(TaskState::Assigned),
+        Ok(pb::TaskState::Running) => Ok(TaskState::Running),
+        Ok(pb::TaskState::Succeeded) => Ok(TaskState::Succeeded),
+        Ok(pb::TaskState::Failed) => Ok(TaskState::Failed),
+        Ok(pb::TaskState::Cancelled) => Ok(TaskState::Cancelled),
+        _ => Err(Error::invalid(field, format!("{value} is not a task state"))),
+    }
+}
+
+fn priority_to_pb(p: Priority) -> pb::Priority {
+    match p {
+        Priority::Low => pb::Priority::Low,
+        Priority::Normal => pb::Priority::Normal,
+        Priority::High => pb::Priority::High,
+        Priority::Critical => pb::Priority::Critical,
+    }
+}
+
+fn priority_from_pb(value: i32) -> Result<Priority, Error> {
+    match pb::Priority::try_from(value) {
+        Ok(pb::Priority::Unspecified | pb::Priority::Normal) => Ok(Priority::Normal),
+        Ok(pb::Priority::Low) => Ok(Priority::Low),
+        Ok(pb::Priority::High) => Ok(Priority::High),
+        Ok(pb::Priority::Critical) => Ok(Priority::Critical),
+        Err(_) => Err(Error::invalid("priority", format!("{value} is not a priority"))),
+    }
+}
+
+fn sorted(map: HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+fn unsorted(map: &BTreeMap<String, String>) -> HashMap<String, String> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+pub(crate) fn task_id(field: &str, value: &str) -> Result<TaskId, Error> {
+    value.parse::<TaskId>().map_err(|e| match e {
+        Error::InvalidArgument { message, .. } => Error::invalid(field, message),
+        other => other,
+    })
+}
+
+pub(crate) fn agent_id(field: &str, value: &str) -> Result<AgentId, Error> {
+    value.parse::<AgentId>().map_err(|e| match e {
+        Error::InvalidArgument { message, .. } => Error::invalid(field, message),
+        other => other,
+    })
+}
+
+/// Validates a submitted spec and fills in the server's defaults.
+pub(crate) fn task_spec(spec: pb::TaskSpec, config: &ServerConfig) -> Result<TaskSpec, Error> {
+    let limits = &config.limits;
+    validate::name("capability", &spec.capability, limits)?;
+    let queue = if spec.queue.is_empty() { "default".to_owned() } else { spec.queue };
+    validate::name("queue", &queue, limits)?;
+    let selector = sorted(spec.selector);
+    validate::string_map("selector", &selector, limits.max_labels, "max_labels", limits)?;
+    let metadata = sorted(spec.metadata);
+    validate::string_map("metadata", &metadata, limits.max_metadata_entries, "max_metadata_entries", limits)?;
+    let trace_context = sorted(spec.trace_context);
+    validate::string_map("trace_context", &trace_context, 8, "8 entries", limits)?;
+    validate::within("payload", "bytes", spec.payload.len(), limits.max_payload_bytes, "max_payload_bytes")?;
+    validate::within("content_type", "characters", spec.content_type.len(), limits.max_value_len, "max_value_len")?;
+    let timeout = match from_duration("timeout", spec.timeout)? {
+        None => config.default_timeout,
+        Some(d) if d.is_zero() => config.default_timeout,
+        Some(d) if d < Duration::from_millis(1) => return Err(Error::invalid("timeout", "must be at least 1ms")),
+        Some(d) if d > limits.max_timeout => {
+            return Err(Error::ResourceExhausted(format!(
+                "timeout: {} is over the limit of {} (max_timeout)",
+                humantime::format_duration(d),
+                humantime::format_duration(limits.max_timeout)
+            )));
+        }
+        Some(d) => d,
+    };
+    let queue_timeout = from_duration("queue_timeout", spec.queue_timeout)?.filter(|d| !d.is_zero());
+    let defaults = &config.default_retry;
+    let retry = match spec.retry {
+        None => RetryPolicy {
+            max_attempts: defaults.max_attempts,
+            initial_backoff: defaults.initial_backoff,
+            max_backoff: defaults.max_backoff,
+            multiplier: defaults.multiplier,
+        },
+        Some(r) => {
+            let max_attempts = if r.max_attempts == 0 { defaults.max_attempts } else { r.max_attempts };
+            if max_attempts > limits.max_attempts {
+                return Err(Error::ResourceExhausted(format!(
+                    "retry.max_attempts: {max_attempts} is over the limit of {} (max_attempts)",
+                    limits.max_attempts
+                )));
+            }
+            let initial_backoff =
+                from_duration("retry.initial_backoff", r.initial_backoff)?.unwrap_or(defaults.initial_backoff);
+            let max_backoff = from_duration("retry.max_backoff", r.max_backoff)?.unwrap_or(defaults.max_backoff);
+            if max_backoff < initial_backoff {
+                return Err(Error::invalid("retry.max_backoff", "must not be shorter than retry.initial_backoff"));
+            }
+            let multiplier = if r.multiplier == 0.0 { 2.0 } else { r.multiplier };
+            if !(1.0..=100.0).contains(&multiplier) {
+                return Err(Error::invalid("retry.multiplier", "must be between 1 and 100"));
+            }
+            RetryPolicy { max_attempts, initial_backoff, max_backoff, multiplier }
+        }
+    };
+    let idempotency_key = if spec.idempotency_key.is_empty() {
+        None
+    } else {
+        validate::within(
+            "idempotency_key",
+            "bytes",
+            spec.idempotency_key.len(),
+            limits.max_idempotency_key_len,
+            "max_idempotency_key_len",
+        )?;
+        Some(spec.idempotency_key)
+    };
+    Ok(TaskSpec {
+        capability: spec.capability,
+        selector,
+        queue,
+        priority: priority_from_pb(spec.priority)?,
+        payload: spec.payload.into(),
+        content_type: spec.content_type,
+        metadata,
+        timeout,
+        queue_timeout,
+        retry,
+        idempotency_key,
+        not_before: from_timestamp("not_before", spec.not_before)?,
+        trace_context,
+    })
+}
+
+fn spec_to_pb(spec: &TaskSpec) -> pb::TaskSpec {
+    pb::TaskSpec {
+        capability: spec.capability.clone(),
+        selector: unsorted(&spec.selector),
+        queue: spec.queue.clone(),
+        priority: priority_to_pb(spec.priority) as i32,
+        payload: spec.payload.to_vec(),
+        content_type: spec.content_type.clone(),
+        metadata: unsorted(&spec.metadata),
+        timeout: Some(duration(spec.timeout)),
+        queue_timeout: spec.queue_timeout.map(duration),
+        retry: Some(pb::RetryPolicy {
+            max_attempts: spec.retry.max_attempts,
+            initial_backoff: Some(duration(spec.retry.initial_backoff)),
+            max_backoff: Some(duration(spec.retry.max_backoff)),
+            multiplier: spec.retry.multiplier,
+        }),
+        idempotency_key: spec.idempotency_key.clone().unwrap_or_default(),
+        not_before: opt_timestamp(spec.not_before),
+        trace_context: unsorted(&spec.trace_context),
+    }
+}
+
+fn failure_to_pb(f: &Failure) -> pb::Failure {
+    pb::Failure { reason: f.reason.clone(), message: f.message.clone(), retryable: f.retryable }
+}
+
+fn progress_to_pb(p: &Progress) -> pb::Progress {
+    pb::Progress { percent: p.percent, message: p.message.clone(), at: Some(timestamp(p.at)) }
+}
+
+pub(crate) fn task_to_pb(task: &Task) -> pb::Task {
+    pb::Task {
+        id: task.id.to_string(),
+        spec: Some(spec_to_pb(&task.spec)),
+        state: state_to_pb(task.state) as i32,
+        attempt: task.attempt,
+        attempts: task
+            .attempts
+            .iter()
+            .map(|a| pb::Attempt {
+                number: a.number,
+                agent_id: a.agent_id.to_string(),
+                agent_name: a.agent_name.clone(),
+                assigned_at: Some(timestamp(a.assigned_at)),
+                started_at: opt_timestamp(a.started_at),
+                finished_at: opt_timestamp(a.finished_at),
+                state: state_to_pb(a.state) as i32,
+                failure: a.failure.as_ref().map(failure_to_pb),
+            })
+            .collect(),
+        output: task.output.to_vec(),
+        output_content_type: task.output_content_type.clone(),
+        failure: task.failure.as_ref().map(failure_to_pb),
+        progress: task.progress.as_ref().map(progress_to_pb),
+        created_at: Some(timestamp(task.created_at)),
+        updated_at: Some(timestamp(task.updated_at)),
+        ready_at: opt_timestamp(task.ready_at),
+        deadline: opt_timestamp(task.deadline),
+        cancel_requested: task.cancel_requested,
+        sequence: task.sequence,
+    }
+}
+
+pub(crate) fn event_to_pb(event: &TaskEvent) -> pb::TaskEvent {
+    pb::TaskEvent {
+        sequence: event.sequence,
+        task_id: event.task_id.to_string(),
+        kind: match event.kind {
+            EventKind::State => pb::EventKind::State,
+            EventKind::Progress => pb::EventKind::Progress,
+        } as i32,
+        state: state_to_pb(event.state) as i32,
+        previous_state: event.previous_state.map_or(pb::TaskState::Unspecified, state_to_pb) as i32,
+        attempt: event.attempt,
+        agent_id: event.agent_id.map(|a| a.to_string()).unwrap_or_default(),
+        queue: event.queue.clone(),
+        capability: event.capability.clone(),
+        reason: event.reason.clone(),
+        message: event.message.clone(),
+        progress: event.progress.as_ref().map(progress_to_pb),
+        at: Some(timestamp(event.at)),
+    }
+}
+
+pub(crate) fn agent_to_pb(info: &AgentInfo) -> pb::Agent {
+    let r = &info.record;
+    pb::Agent {
+        id: r.id.to_string(),
+        name: r.name.clone(),
+        capabilities: r.capabilities.clone(),
+        labels: unsorted(&r.labels),
+        slots: r.slots,
+        slots_busy: info.running.len() as u32,
+        state: match info.state {
+            AgentState::Connected => pb::AgentState::Connected,
+            AgentState::Draining => pb::AgentState::Draining,
+            AgentState::Disconnected => pb::AgentState::Disconnected,
+        } as i32,
+        sdk_version: r.sdk_version.clone(),
+        metrics_address: r.metrics_address.clone(),
+        connected_at: Some(timestamp(r.connected_at)),
+        last_seen: Some(timestamp(info.last_seen)),
+        running: info.running.iter().map(|(id, attempt)| format!("{id}:{attempt}")).collect(),
+    }
+}
+
+fn attempt_ref(field: &str, r: Option<pb::AttemptRef>) -> Result<(TaskId, u32), Error> {
+    let r = r.ok_or_else(|| Error::invalid(field, "is required"))?;
+    let id = task_id(&format!("{field}.task_id"), &r.task_id)?;
+    if r.attempt == 0 {
+        return Err(Error::invalid(format!("{field}.attempt"), "must be at least 1"));
+    }
+    Ok((id, r.attempt))
+}
+
+fn to_ref((id, attempt): (TaskId, u32)) -> pb::AttemptRef {
+    pb::AttemptRef { task_id: id.to_string(), attempt }
+}
+
+/// Validates an agent's first message.
+pub(crate) fn registration(reg: pb::Register, config: &ServerConfig) -> Result<Registration, Error> {
+    let limits = &config.limits;
+    validate::name("register.name", &reg.name, limits)?;
+    if reg.capabilities.is_empty() {
+        return Err(Error::invalid("register.capabilities", "at least one capability is required"));
+    }
+    validate::within(
+        "register.capabilities",
+        "capabilities",
+        reg.capabilities.len(),
+        limits.max_capabilities,
+        "max_capabilities",
+    )?;
+    let mut capabilities = Vec::with_capacity(reg.capabilities.len());
+    for (i, c) in reg.capabilities.into_iter().enumerate() {
+        validate::name(&format!("register.capabilities[{i}]"), &c, limits)?;
+        if !capabilities.contains(&c) {
+            capabilities.push(c);
+        }
+    }
+    let labels = sorted(reg.labels);
+    validate::string_map("register.labels", &labels, limits.max_labels, "max_labels", limits)?;
+    if reg.slots == 0 {
+        return Err(Error::invalid("register.slots", "must be at least 1"));
+    }
+    validate::within("register.slots", "slots", reg.slots as usize, limits.max_agent_slots as usize, "max_agent_slots")?;
+    validate::within("register.sdk_version", "characters", reg.sdk_version.len(), limits.max_name_len, "max_name_len")?;
+    validate::within(
+        "register.metrics_address",
+        "characters",
+        reg.metrics_address.len(),
+        limits.max_name_len,
+        "max_name_len",
+    )?;
+    let max_held = limits.max_agent_slots as usize * 4;
+    validate::within("register.held_attempts", "attempts", reg.held_attempts.len(), max_held, "4 x max_agent_slots")?;
+    let held_attempts = reg
+        .held_attempts
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| attempt_ref(&format!("register.held_attempts[{i}]"), Some(r)))
+        .collect::<Result<_, _>>()?;
+    validate::within("register.resume_token", "characters", reg.resume_token.len(), 128, "128")?;
+    Ok(Registration {
+        name: reg.name,
+        capabilities,
+        labels,
+        slots: reg.slots,
+        sdk_version: reg.sdk_version,
+        resume_token: Some(reg.resume_token).filter(|t| !t.is_empty()),
+        held_attempts,
+        metrics_address: reg.metrics_address,
+    })
+}
+
+/// Validates one message of a running session.
+pub(crate) fn report(message: pb::AgentMessage, config: &ServerConfig) -> Result<AgentReport, Error> {
+    use pb::agent_message::Msg;
+    let limits = &config.limits;
+    match message.msg {
+        None => Err(Error::invalid("msg", "an agent message must carry one of its variants")),
+        Some(Msg::Register(_)) => Err(Error::invalid("register", "a session registers once, in its first message")),
+        Some(Msg::Heartbeat(_)) => Ok(AgentReport::Heartbeat),
+        Some(Msg::Drain(_)) => Ok(AgentReport::DrainSelf),
+        Some(Msg::Accept(a)) => {
+            let (id, attempt) = attempt_ref("accept.attempt", a.attempt)?;
+            Ok(AgentReport::Accept(id, attempt))
+        }
+        Some(Msg::Progress(p)) => {
+            let (id, attempt) = attempt_ref("progress.attempt", p.attempt)?;
+            Ok(AgentReport::Progress(id, attempt, p.percent.min(100), validate::clip(p.message, limits)))
+        }
+        Some(Msg::Complete(c)) => {
+            let (id, attempt) = attempt_ref("complete.attempt", c.attempt)?;
+            let content_type = validate::clip(c.content_type, limits);
+            Ok(AgentReport::Complete(id, attempt, c.output.into(), content_type))
+        }
+        Some(Msg::Fail(f)) => {
+            let (id, attempt) = attempt_ref("fail.attempt", f.attempt)?;
+            let failure = f.failure.unwrap_or_default();
+            let reason = if failure.reason.is_empty() { "handler_error".to_owned() } else { failure.reason };
+            let reason: String = reason.chars().take(limits.max_name_len).collect();
+            Ok(AgentReport::Fail(
+                id,
+                attempt,
+                Failure { reason, message: validate::clip(failure.message, limits), retryable: failure.retryable },
+            ))
+        }
+    }
+}
+
+/// The wire form of a scheduler message; `Close` becomes the status that
+/// ends the session.
+pub(crate) fn server_message(message: ToAgent) -> Result<pb::ServerMessage, tonic::Status> {
+    use pb::server_message::Msg;
+    let msg = match message {
+        ToAgent::Registered { agent_id, resume_token, resumed, heartbeat_interval, lease_ttl, dropped } => {
+            Msg::Registered(pb::Registered {
+                agent_id: agent_id.to_string(),
+                resume_token,
+                resumed,
+                heartbeat_interval: Some(duration(heartbeat_interval)),
+                lease_ttl: Some(duration(lease_ttl)),
+                dropped_attempts: dropped.into_iter().map(to_ref).collect(),
+            })
+        }
+        ToAgent::Assign(task) => Msg::Assign(pb::Assignment {
+            attempt: Some(to_ref((task.id, task.attempt))),
+            capability: task.spec.capability.clone(),
+            payload: task.spec.payload.to_vec(),
+            content_type: task.spec.content_type.clone(),
+            metadata: unsorted(&task.spec.metadata),
+            queue: task.spec.queue.clone(),
+            priority: priority_to_pb(task.spec.priority) as i32,
+            deadline: opt_timestamp(task.deadline),
+            timeout: Some(duration(task.spec.timeout)),
+            trace_context: unsorted(&task.spec.trace_context),
+        }),
+        ToAgent::Cancel { task_id, attempt, reason, grace } => Msg::Cancel(pb::CancelAttempt {
+            attempt: Some(to_ref((task_id, attempt))),
+            reason,
+            grace: Some(duration(grace)),
+        }),
+        ToAgent::Ack { task_id, attempt } => Msg::Ack(pb::Ack { attempt: Some(to_ref((task_id, attempt))) }),
+        ToAgent::Rejected { task_id, attempt, error } => {
+            let status = tonic::Status::from(error);
+            Msg::Rejected(pb::Rejected {
+                attempt: Some(to_ref((task_id, attempt))),
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            })
+        }
+        ToAgent::Heartbeat => Msg::Heartbeat(pb::Heartbeat {}),
+        ToAgent::Drain(draining) => Msg::Drain(pb::DrainState { draining }),
+        ToAgent::Close(error) => return Err(error.into()),
+    };
+    Ok(pb::ServerMessage { msg: Some(msg) })
+}

@@ -1,0 +1,8 @@
+//! The gRPC edge: thin `*Handler`s that validate, call the scheduler or
+//! read the store, and convert. Domain code never imports tonic.
+
+pub(crate) mod agent_server;
+pub(crate) mod convert;
+pub(crate) mod fleet_server;
+mod status;
+pub(crate) mod task_server;

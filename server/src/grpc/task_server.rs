@@ -1,0 +1,253 @@
+//! `TaskService`: submit, inspect, watch, cancel and retry tasks.
+//!
+//! Writes go through the scheduler; reads of tasks and events go straight
+//! to the store, which holds exactly what has been acknowledged.
+
+use std::sync::Arc;
+
+use muster_proto::pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::config::ServerConfig;
+use crate::error::Error;
+use crate::model::{EventKind, TaskEvent, TaskFilter, TaskId, TaskState};
+use crate::scheduler::{Command, CoreHandle};
+use crate::store::Store;
+use crate::validate;
+
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
+/// Events read from the store per replay step.
+const REPLAY_CHUNK: usize = 1000;
+
+/// Thin handler: validate, ask the scheduler or read the store, convert.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskHandler {
+    pub(crate) core: CoreHandle,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) events: broadcast::Sender<TaskEvent>,
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Which events a watch passes.
+#[derive(Debug, Clone)]
+struct WatchFilter {
+    task: Option<TaskId>,
+    queue: Option<String>,
+    capability: Option<String>,
+    states: Vec<TaskState>,
+}
+
+impl WatchFilter {
+    fn matches(&self, event: &TaskEvent) -> bool {
+        self.task.is_none_or(|t| t == event.task_id)
+            && self.queue.as_ref().is_none_or(|q| *q == event.queue)
+            && self.capability.as_ref().is_none_or(|c| *c == event.capability)
+            && (self.states.is_empty() || event.kind == EventKind::Progress || self.states.contains(&event.state))
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("store read task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl pb::task_service_server::TaskService for TaskHandler {
+    async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let request = request.into_inner();
+        let limits = &self.config.limits;
+        if request.tasks.is_empty() {
+            return Err(Error::invalid("tasks", "at least one task is required").into());
+        }
+        validate::within("tasks", "tasks", request.tasks.len(), limits.max_tasks_per_submit, "max_tasks_per_submit")?;
+        let specs = request
+            .tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| convert::task_spec(spec, &self.config).map_err(|e| e.in_field(&format!("tasks[{i}]"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let created = self.core.call(|reply| Command::Submit { specs, reply }).await?;
+        Ok(Response::new(pb::SubmitResponse {
+            existing: created.iter().map(|(_, existing)| *existing).collect(),
+            tasks: created.iter().map(|(task, _)| convert::task_to_pb(task)).collect(),
+        }))
+    }
+
+    async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let id = convert::task_id("id", &request.into_inner().id)?;
+        let store = self.store.clone();
+        let task = blocking(move || store.task(id).map_err(Error::from)).await?;
+        let task = task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?;
+        Ok(Response::new(convert::task_to_pb(&task)))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let request = request.into_inner();
+        let states = request
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| convert::state_from_pb(&format!("states[{i}]"), *s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let unfinished_only = !states.is_empty() && states.iter().all(|s| !s.is_terminal());
+        let filter = TaskFilter {
+            states,
+            queue: Some(request.queue).filter(|q| !q.is_empty()),
+            capability: Some(request.capability).filter(|c| !c.is_empty()),
+            metadata: request.metadata.into_iter().collect(),
+        };
+        let page_size = match request.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let mut after =
+            if request.page_token.is_empty() { None } else { Some(convert::task_id("page_token", &request.page_token)?) };
+        let store = self.store.clone();
+        let (sequence, tasks, more) = blocking(move || {
+            // The sequence is read first: any change after it is replayed by
+            // a watch that starts from it.
+            let sequence = store.last_sequence()?;
+            let mut tasks = Vec::new();
+            loop {
+                let chunk = store.tasks_after(after, MAX_PAGE_SIZE, unfinished_only)?;
+                let exhausted = chunk.len() < MAX_PAGE_SIZE;
+                for task in chunk {
+                    after = Some(task.id);
+                    if filter.matches(&task) {
+                        tasks.push(task);
+                        if tasks.len() == page_size {
+                            return Ok((sequence, tasks, true));
+                        }
+                    }
+                }
+                if exhausted {
+                    return Ok((sequence, tasks, false));
+                }
+            }
+        })
+        .await?;
+        let next_page_token = if more { tasks.last().map(|t| t.id.to_string()).unwrap_or_default() } else { String::new() };
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.iter().map(convert::task_to_pb).collect(),
+            next_page_token,
+            sequence,
+        }))
+    }
+
+    async fn cancel_task(&self, request: Request<pb::CancelTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let request = request.into_inner();
+        let id = convert::task_id("id", &request.id)?;
+        validate::text("reason", &request.reason, &self.config.limits)?;
+        let task = self.core.call(|reply| Command::Cancel { id, reason: request.reason, reply }).await?;
+        Ok(Response::new(convert::task_to_pb(&task)))
+    }
+
+    async fn retry_task(&self, request: Request<pb::RetryTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let id = convert::task_id("id", &request.into_inner().id)?;
+        let task = self.core.call(|reply| Command::Retry { id, reply }).await?;
+        Ok(Response::new(convert::task_to_pb(&task)))
+    }
+
+    type WatchTasksStream = ReceiverStream<Result<pb::TaskEvent, Status>>;
+
+    async fn watch_tasks(
+        &self,
+        request: Request<pb::WatchTasksRequest>,
+    ) -> Result<Response<Self::WatchTasksStream>, Status> {
+        let request = request.into_inner();
+        let filter = WatchFilter {
+            task: if request.task_id.is_empty() { None } else { Some(convert::task_id("task_id", &request.task_id)?) },
+            queue: Some(request.queue).filter(|q| !q.is_empty()),
+            capability: Some(request.capability).filter(|c| !c.is_empty()),
+            states: request
+                .states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| convert::state_from_pb(&format!("states[{i}]"), *s))
+                .collect::<Result<_, _>>()?,
+        };
+        // Subscribe before reading the store: every event is then either
+        // in the store read or in the subscription (or both).
+        let live = self.events.subscribe();
+        let start = if request.after_sequence > 0 || request.from_start {
+            request.after_sequence
+        } else {
+            let store = self.store.clone();
+            blocking(move || store.last_sequence().map_err(Error::from)).await?
+        };
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(watch(self.store.clone(), live, start, filter, tx, self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Replays stored events after `last`, then follows live ones; falls back
+/// to the store whenever the live feed lags.
+async fn watch(
+    store: Arc<dyn Store>,
+    mut live: broadcast::Receiver<TaskEvent>,
+    mut last: u64,
+    filter: WatchFilter,
+    tx: mpsc::Sender<Result<pb::TaskEvent, Status>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        loop {
+            let store = store.clone();
+            let from = last;
+            let chunk = match blocking(move || store.events_after(from, REPLAY_CHUNK).map_err(Error::from)).await {
+                Ok(chunk) => chunk,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            let done = chunk.len() < REPLAY_CHUNK;
+            for event in chunk {
+                last = event.sequence;
+                if filter.matches(&event) && tx.send(Ok(convert::event_to_pb(&event))).await.is_err() {
+                    return;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = shutdown.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                    return;
+                }
+                received = live.recv() => match received {
+                    Ok(event) => {
+                        if event.sequence <= last {
+                            continue;
+                        }
+                        last = event.sequence;
+                        if filter.matches(&event) && tx.send(Ok(convert::event_to_pb(&event))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}

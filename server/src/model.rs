@@ -1,0 +1,513 @@
+//! The domain model: tasks, attempts, events and agents as the server sees
+//! them. These are not the wire structs; `grpc::convert` maps between the
+//! two. Every type here is what the store persists.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+/// Milliseconds since the Unix epoch: every persisted instant.
+pub type Millis = u64;
+
+macro_rules! ulid_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub struct $name(pub Ulid);
+
+        impl $name {
+            /// The 16 big-endian bytes, which sort like the id.
+            pub fn to_bytes(self) -> [u8; 16] {
+                self.0.to_bytes()
+            }
+
+            /// The inverse of [`Self::to_bytes`].
+            pub fn from_bytes(bytes: [u8; 16]) -> Self {
+                Self(Ulid::from_bytes(bytes))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = crate::error::Error;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Ulid::from_string(s.trim()).map(Self).map_err(|_| {
+                    crate::error::Error::invalid(
+                        $what,
+                        format!("'{}' is not a valid {} (26 characters, Crockford base32)", s, $what),
+                    )
+                })
+            }
+        }
+    };
+}
+
+ulid_id!(
+    /// A task's id: a ULID, so ids sort by creation time.
+    TaskId,
+    "task id"
+);
+ulid_id!(
+    /// An agent session's id, stable across resumes.
+    AgentId,
+    "agent id"
+);
+
+/// The lifecycle of a task; see DESIGN.md "The task".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskState {
+    /// Waiting for `not_before` or a retry backoff.
+    Pending,
+    /// Ready, waiting for an agent.
+    Queued,
+    /// Offered to an agent that has not accepted yet.
+    Assigned,
+    /// Executing on an agent.
+    Running,
+    /// Finished with an output.
+    Succeeded,
+    /// Failed for good (kept for `RetryTask`).
+    Failed,
+    /// Cancelled by request or by the server.
+    Cancelled,
+}
+
+impl TaskState {
+    /// True for the states a task never leaves on its own.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// True while an attempt is live (assigned or running).
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Assigned | Self::Running)
+    }
+
+    /// The upper-case name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Queued => "QUEUED",
+            Self::Assigned => "ASSIGNED",
+            Self::Running => "RUNNING",
+            Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// Dispatch order: higher first, FIFO within a level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Priority {
+    /// Runs when nothing else waits.
+    Low = 0,
+    /// The default.
+    Normal = 1,
+    /// Ahead of normal work.
+    High = 2,
+    /// Ahead of everything.
+    Critical = 3,
+}
+
+impl Priority {
+    /// All levels, highest first.
+    pub const DESCENDING: [Priority; 4] = [Self::Critical, Self::High, Self::Normal, Self::Low];
+}
+
+/// How failed attempts are retried.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts in total, including the first.
+    pub max_attempts: u32,
+    /// The backoff before the second attempt.
+    pub initial_backoff: Duration,
+    /// The cap on any backoff.
+    pub max_backoff: Duration,
+    /// Growth between consecutive backoffs.
+    pub multiplier: f64,
+}
+
+impl RetryPolicy {
+    /// The backoff before attempt `failures + 1`, given the failures so far
+    /// (at least 1) and a uniform random number in `[0, 1)`: "equal jitter",
+    /// so the delay lies in `[d/2, d]` with `d = min(max, initial * m^(n-1))`.
+    pub fn backoff(&self, failures: u32, unit_random: f64) -> Duration {
+        let exponent = failures.saturating_sub(1).min(64) as i32;
+        let base = self.initial_backoff.as_secs_f64() * self.multiplier.max(1.0).powi(exponent);
+        let capped = base.min(self.max_backoff.as_secs_f64());
+        let jittered = capped / 2.0 + capped / 2.0 * unit_random.clamp(0.0, 1.0);
+        Duration::from_secs_f64(jittered)
+    }
+}
+
+/// What to run and under which rules: a validated `TaskSpec`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The capability an agent must advertise.
+    pub capability: String,
+    /// Labels the agent must carry.
+    pub selector: BTreeMap<String, String>,
+    /// The queue, "default" unless given.
+    pub queue: String,
+    /// Dispatch priority.
+    pub priority: Priority,
+    /// Opaque input for the handler.
+    pub payload: Bytes,
+    /// The payload's media type.
+    pub content_type: String,
+    /// Free-form key/value pairs.
+    pub metadata: BTreeMap<String, String>,
+    /// Execution timeout per attempt.
+    pub timeout: Duration,
+    /// How long the task may wait queued.
+    pub queue_timeout: Option<Duration>,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Deduplicates submissions.
+    pub idempotency_key: Option<String>,
+    /// Earliest start.
+    pub not_before: Option<Millis>,
+    /// W3C trace context of the submitter.
+    pub trace_context: BTreeMap<String, String>,
+}
+
+/// Why an attempt or a task failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Machine-readable reason, e.g. `agent_lost`.
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// False when the failure must not be retried.
+    pub retryable: bool,
+}
+
+impl Failure {
+    /// A failure with the given reason and message.
+    pub fn new(reason: &str, message: impl Into<String>, retryable: bool) -> Self {
+        Self { reason: reason.to_owned(), message: message.into(), retryable }
+    }
+}
+
+/// Reasons the server itself records.
+pub mod reason {
+    /// The agent missed its lease.
+    pub const AGENT_LOST: &str = "agent_lost";
+    /// The attempt ran past its timeout.
+    pub const TIMEOUT: &str = "timeout";
+    /// The task waited queued past its queue timeout.
+    pub const QUEUE_TIMEOUT: &str = "queue_timeout";
+    /// The agent's output exceeded the limit.
+    pub const OUTPUT_TOO_LARGE: &str = "output_too_large";
+    /// Cancelled by request.
+    pub const CANCELLED: &str = "cancelled";
+    /// The task was created.
+    pub const SUBMITTED: &str = "submitted";
+    /// An attempt was offered to an agent.
+    pub const ASSIGNED: &str = "assigned";
+    /// The agent accepted the attempt.
+    pub const ACCEPTED: &str = "accepted";
+    /// The attempt finished successfully.
+    pub const COMPLETED: &str = "completed";
+    /// A failed attempt waits before the next one.
+    pub const RETRY_BACKOFF: &str = "retry_backoff";
+    /// A pending task's time came.
+    pub const READY: &str = "ready";
+    /// `RetryTask` put the task back.
+    pub const RETRIED: &str = "retried";
+    /// Cancel was requested of a running attempt.
+    pub const CANCEL_REQUESTED: &str = "cancel_requested";
+    /// The agent reported progress.
+    pub const PROGRESS: &str = "progress";
+    /// The server re-sent an assignment the agent had not received.
+    pub const REASSIGNED: &str = "reassigned";
+}
+
+/// One execution of a task by one agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1-based, strictly increasing per task: the fencing token.
+    pub number: u32,
+    /// The agent that holds or held it.
+    pub agent_id: AgentId,
+    /// That agent's name, for people.
+    pub agent_name: String,
+    /// When it was offered.
+    pub assigned_at: Millis,
+    /// When the agent accepted it.
+    pub started_at: Option<Millis>,
+    /// When it ended.
+    pub finished_at: Option<Millis>,
+    /// Running while live; then Succeeded, Failed or Cancelled.
+    pub state: TaskState,
+    /// Why it failed.
+    pub failure: Option<Failure>,
+}
+
+/// The latest progress of the live attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// 0 to 100.
+    pub percent: u32,
+    /// What the handler is doing.
+    pub message: String,
+    /// When it was reported.
+    pub at: Millis,
+}
+
+/// A task and everything the server knows about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Its id.
+    pub id: TaskId,
+    /// What was submitted.
+    pub spec: TaskSpec,
+    /// Where it is in its lifecycle.
+    pub state: TaskState,
+    /// The current or last attempt number (0 before the first).
+    pub attempt: u32,
+    /// Attempts made before the last `RetryTask`: they do not count against
+    /// the retry budget.
+    pub attempt_base: u32,
+    /// Attempt history, oldest first.
+    pub attempts: Vec<AttemptRecord>,
+    /// The result of the successful attempt.
+    pub output: Bytes,
+    /// The output's media type.
+    pub output_content_type: String,
+    /// Why the task or its last attempt failed.
+    pub failure: Option<Failure>,
+    /// The live attempt's latest progress.
+    pub progress: Option<Progress>,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Time of the last change.
+    pub updated_at: Millis,
+    /// When a pending task becomes queued.
+    pub ready_at: Option<Millis>,
+    /// When the live attempt times out.
+    pub deadline: Option<Millis>,
+    /// Cancel was requested while an attempt was live.
+    pub cancel_requested: bool,
+    /// Sequence number of this task's last event.
+    pub sequence: u64,
+}
+
+impl Task {
+    /// The agent holding the live attempt, if any.
+    pub fn live_agent(&self) -> Option<AgentId> {
+        if self.state.is_active() { self.attempts.last().map(|a| a.agent_id) } else { None }
+    }
+
+    /// The record of attempt `number`.
+    pub fn attempt_record(&self, number: u32) -> Option<&AttemptRecord> {
+        self.attempts.iter().rev().find(|a| a.number == number)
+    }
+
+    /// Attempts used against the current retry budget.
+    pub fn attempts_used(&self) -> u32 {
+        self.attempt.saturating_sub(self.attempt_base)
+    }
+}
+
+/// What an event records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// A state transition (or a note on the current state).
+    State,
+    /// Progress of the live attempt.
+    Progress,
+}
+
+/// One entry of the event log; sequence numbers are strictly increasing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// Position in the log.
+    pub sequence: u64,
+    /// The task concerned.
+    pub task_id: TaskId,
+    /// State or progress.
+    pub kind: EventKind,
+    /// The state after the event.
+    pub state: TaskState,
+    /// The state before it; None at creation.
+    pub previous_state: Option<TaskState>,
+    /// The attempt concerned (0 before any).
+    pub attempt: u32,
+    /// The agent concerned.
+    pub agent_id: Option<AgentId>,
+    /// The task's queue, for filtering.
+    pub queue: String,
+    /// The task's capability, for filtering.
+    pub capability: String,
+    /// Why it happened.
+    pub reason: String,
+    /// Detail for people.
+    pub message: String,
+    /// For progress events.
+    pub progress: Option<Progress>,
+    /// When it happened.
+    pub at: Millis,
+}
+
+/// A registered agent, persisted so sessions can resume across a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Its id.
+    pub id: AgentId,
+    /// Its self-chosen name.
+    pub name: String,
+    /// The secret that resumes the session.
+    pub resume_token: String,
+    /// What it can run.
+    pub capabilities: Vec<String>,
+    /// Its labels, matched by selectors.
+    pub labels: BTreeMap<String, String>,
+    /// How many attempts it runs at once.
+    pub slots: u32,
+    /// No new work is assigned while set.
+    pub draining: bool,
+    /// The SDK version it reported.
+    pub sdk_version: String,
+    /// Where its metrics are served.
+    pub metrics_address: String,
+    /// When it first registered.
+    pub connected_at: Millis,
+}
+
+/// What an agent sends at the start of a session, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Registration {
+    /// Human-readable name.
+    pub name: String,
+    /// Capabilities, deduplicated.
+    pub capabilities: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Slot count.
+    pub slots: u32,
+    /// SDK version.
+    pub sdk_version: String,
+    /// Token of the session to resume, if any.
+    pub resume_token: Option<String>,
+    /// Attempts the agent still holds.
+    pub held_attempts: Vec<(TaskId, u32)>,
+    /// Its metrics endpoint.
+    pub metrics_address: String,
+}
+
+/// Reports an agent sends during a session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentReport {
+    /// The agent started the attempt.
+    Accept(TaskId, u32),
+    /// Progress of a running attempt.
+    Progress(TaskId, u32, u32, String),
+    /// Liveness.
+    Heartbeat,
+    /// The attempt succeeded.
+    Complete(TaskId, u32, Bytes, String),
+    /// The attempt failed.
+    Fail(TaskId, u32, Failure),
+    /// The agent drains itself.
+    DrainSelf,
+}
+
+/// The state of an agent session, as operators see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentState {
+    /// Connected and taking work.
+    Connected,
+    /// Connected, taking no new work.
+    Draining,
+    /// Stream broken; may resume within its lease.
+    Disconnected,
+}
+
+/// An agent as operators see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentInfo {
+    /// Its persisted registration.
+    pub record: AgentRecord,
+    /// Session state.
+    pub state: AgentState,
+    /// Attempts held.
+    pub running: Vec<(TaskId, u32)>,
+    /// When the server last heard from it.
+    pub last_seen: Millis,
+}
+
+/// A task query for `ListTasks`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TaskFilter {
+    /// Any of these states; empty means all.
+    pub states: Vec<TaskState>,
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this capability.
+    pub capability: Option<String>,
+    /// All of these metadata entries.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl TaskFilter {
+    /// Whether `task` passes the filter.
+    pub fn matches(&self, task: &Task) -> bool {
+        (self.states.is_empty() || self.states.contains(&task.state))
+            && self.queue.as_ref().is_none_or(|q| *q == task.spec.queue)
+            && self.capability.as_ref().is_none_or(|c| *c == task.spec.capability)
+            && self.metadata.iter().all(|(k, v)| task.spec.metadata.get(k) == Some(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(10),
+            multiplier: 2.0,
+        }
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_and_is_capped() {
+        let p = policy();
+        assert_eq!(p.backoff(1, 1.0), Duration::from_secs(1));
+        assert_eq!(p.backoff(1, 0.0), Duration::from_millis(500));
+        assert_eq!(p.backoff(3, 1.0), Duration::from_secs(4));
+        assert_eq!(p.backoff(3, 0.0), Duration::from_secs(2));
+        assert_eq!(p.backoff(10, 1.0), Duration::from_secs(10));
+        assert_eq!(p.backoff(u32::MAX, 0.5), Duration::from_millis(7500));
+    }
+
+    #[test]
+    fn ids_round_trip_through_strings_and_bytes() {
+        let id = TaskId(Ulid::new());
+        assert_eq!(id.to_string().parse::<TaskId>().ok(), Some(id));
+        assert_eq!(TaskId::from_bytes(id.to_bytes()), id);
+        let err = "nope".parse::<TaskId>().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("task id"), "{err}");
+    }
+}

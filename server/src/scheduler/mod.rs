@@ -1,0 +1,122 @@
+//! The scheduler: the one owner of live state.
+//!
+//! [`core::Core`] is a synchronous state machine: commands and timers go in,
+//! and it produces an [`Outbox`] of store writes plus effects (replies,
+//! messages to agents, published events). The driver (`driver`) runs it in
+//! one task and hands each outbox to the writer thread, which makes the
+//! writes durable as a group and only then performs the effects: nothing
+//! leaves the server before it is on disk.
+
+pub(crate) mod core;
+pub(crate) mod driver;
+mod ready;
+mod timers;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::model::{AgentId, AgentInfo, AgentReport, Registration, Task, TaskEvent, TaskId, TaskSpec};
+use crate::store::Write;
+
+/// Where a command's answer goes.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// The outbound half of an agent session.
+pub(crate) type AgentTx = mpsc::UnboundedSender<ToAgent>;
+
+/// Requests to the scheduler.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Submit { specs: Vec<TaskSpec>, reply: Reply<Vec<(Task, bool)>> },
+    Cancel { id: TaskId, reason: String, reply: Reply<Task> },
+    Retry { id: TaskId, reply: Reply<Task> },
+    Register { registration: Registration, tx: AgentTx, reply: Reply<(AgentId, u64)> },
+    Report { agent: AgentId, conn: u64, report: AgentReport },
+    Disconnected { agent: AgentId, conn: u64 },
+    ListAgents { capability: Option<String>, reply: Reply<Vec<AgentInfo>> },
+    GetAgent { id: AgentId, reply: Reply<AgentInfo> },
+    SetDraining { id: AgentId, draining: bool, reply: Reply<AgentInfo> },
+}
+
+/// Messages from the scheduler to one agent session.
+#[derive(Debug)]
+pub(crate) enum ToAgent {
+    Registered {
+        agent_id: AgentId,
+        resume_token: String,
+        resumed: bool,
+        heartbeat_interval: Duration,
+        lease_ttl: Duration,
+        dropped: Vec<(TaskId, u32)>,
+    },
+    Assign(Box<Task>),
+    Cancel { task_id: TaskId, attempt: u32, reason: String, grace: Duration },
+    Ack { task_id: TaskId, attempt: u32 },
+    Rejected { task_id: TaskId, attempt: u32, error: Error },
+    Heartbeat,
+    Drain(bool),
+    /// End the session with this error.
+    Close(Error),
+}
+
+/// What the writer does after a batch is durable.
+pub(crate) enum Effect {
+    Reply(Box<dyn FnOnce() + Send>),
+    Send(AgentTx, ToAgent),
+    Publish(TaskEvent),
+}
+
+impl std::fmt::Debug for Effect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reply(_) => f.write_str("Reply"),
+            Self::Send(_, msg) => f.debug_tuple("Send").field(msg).finish(),
+            Self::Publish(event) => f.debug_tuple("Publish").field(event).finish(),
+        }
+    }
+}
+
+/// Writes to make durable, then effects to perform, in order.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    pub(crate) writes: Vec<Write>,
+    pub(crate) effects: Vec<Effect>,
+}
+
+impl Outbox {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.effects.is_empty()
+    }
+}
+
+/// The gRPC layer's handle on the scheduler.
+#[derive(Clone, Debug)]
+pub(crate) struct CoreHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl CoreHandle {
+    pub(crate) fn new(tx: mpsc::Sender<Command>) -> Self {
+        Self { tx }
+    }
+
+    /// Sends a command built around a reply channel and awaits the answer.
+    pub(crate) async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply)).await?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Sends a command that needs no answer.
+    pub(crate) async fn send(&self, command: Command) -> Result<(), Error> {
+        self.tx.send(command).await.map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unavailable("the scheduler has stopped: the server is shutting down".into())
+}

@@ -1,0 +1,119 @@
+//! An in-memory [`Store`] with the same semantics as sled, minus
+//! durability: a second implementation that keeps the trait honest.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::{Store, StoreError, Write};
+use crate::model::{AgentId, AgentRecord, Task, TaskEvent, TaskId};
+
+/// A [`Store`] that lives and dies with the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    tasks: BTreeMap<TaskId, Task>,
+    unfinished: BTreeMap<TaskId, ()>,
+    events: BTreeMap<u64, TaskEvent>,
+    agents: BTreeMap<AgentId, AgentRecord>,
+    keys: BTreeMap<String, TaskId>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock only means another writer panicked mid-batch; the
+        // maps are still structurally sound.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for write in writes {
+            match write {
+                Write::Task(task) => {
+                    if task.state.is_terminal() {
+                        inner.unfinished.remove(&task.id);
+                    } else {
+                        inner.unfinished.insert(task.id, ());
+                    }
+                    if let Some(k) = &task.spec.idempotency_key {
+                        inner.keys.insert(k.clone(), task.id);
+                    }
+                    inner.tasks.insert(task.id, task.clone());
+                }
+                Write::Event(event) => {
+                    inner.events.insert(event.sequence, event.clone());
+                }
+                Write::Agent(agent) => {
+                    inner.agents.insert(agent.id, agent.clone());
+                }
+                Write::RemoveAgent(id) => {
+                    inner.agents.remove(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        Ok(self.lock().tasks.get(&id).cloned())
+    }
+
+    fn tasks_after(
+        &self,
+        after: Option<TaskId>,
+        limit: usize,
+        unfinished_only: bool,
+    ) -> Result<Vec<Task>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let inner = self.lock();
+        let lower = after.map_or(Unbounded, Excluded);
+        let tasks: Vec<Task> = if unfinished_only {
+            inner
+                .unfinished
+                .range((lower, Unbounded))
+                .filter_map(|(id, _)| inner.tasks.get(id).cloned())
+                .take(limit)
+                .collect()
+        } else {
+            inner.tasks.range((lower, Unbounded)).map(|(_, t)| t.clone()).take(limit).collect()
+        };
+        Ok(tasks)
+    }
+
+    fn unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.unfinished.keys().filter_map(|id| inner.tasks.get(id).cloned()).collect())
+    }
+
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.events.range(after.saturating_add(1)..).map(|(_, e)| e.clone()).take(limit).collect())
+    }
+
+    fn last_sequence(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().events.keys().next_back().copied().unwrap_or(0))
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        Ok(self.lock().agents.values().cloned().collect())
+    }
+
+    fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError> {
+        Ok(self.lock().keys.iter().map(|(k, v)| (k.clone(), *v)).collect())
+    }
+}

@@ -1,0 +1,184 @@
+//! The default store: one sled tree with prefixed keys, so a batch touching
+//! tasks, events, agents and indexes is one atomic `apply_batch`.
+//!
+//! Keys: `t`+id → task, `u`+id → unfinished marker, `e`+seq → event,
+//! `a`+id → agent, `k`+key → task id.
+
+use std::path::Path;
+
+use super::{Store, StoreError, Write, decode, encode};
+use crate::model::{AgentRecord, Task, TaskEvent, TaskId};
+
+const TASK: u8 = b't';
+const UNFINISHED: u8 = b'u';
+const EVENT: u8 = b'e';
+const AGENT: u8 = b'a';
+const IDEMPOTENCY: u8 = b'k';
+
+/// A sled-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+fn engine(e: sled::Error) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(prefix);
+    k.extend_from_slice(id);
+    k
+}
+
+fn task_id_of(key: &[u8]) -> Result<TaskId, StoreError> {
+    let bytes: [u8; 16] =
+        key.get(1..17).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::Codec("bad task key".into()))?;
+    Ok(TaskId::from_bytes(bytes))
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`. `flush_every` is sled's
+    /// background flush period; `None` leaves flushing to [`Store::flush`].
+    pub fn open(dir: &Path, flush_every: Option<std::time::Duration>) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(flush_every.map(|d| d.as_millis().max(1) as u64))
+            .open()
+            .map_err(engine)?;
+        let tree = db.open_tree("muster").map_err(engine)?;
+        Ok(Self { db, tree })
+    }
+
+    fn scan_prefix<T>(
+        &self,
+        prefix: u8,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.tree
+            .scan_prefix([prefix])
+            .map(|item| {
+                let (k, v) = item.map_err(engine)?;
+                f(&k, &v)
+            })
+            .collect()
+    }
+}
+
+impl Store for SledStore {
+    fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for write in writes {
+            match write {
+                Write::Task(task) => {
+                    let id = task.id.to_bytes();
+                    batch.insert(key(TASK, &id), encode(task)?);
+                    if task.state.is_terminal() {
+                        batch.remove(key(UNFINISHED, &id));
+                    } else {
+                        batch.insert(key(UNFINISHED, &id), &[][..]);
+                    }
+                    if let Some(k) = &task.spec.idempotency_key {
+                        batch.insert(key(IDEMPOTENCY, k.as_bytes()), &id[..]);
+                    }
+                }
+                Write::Event(event) => {
+                    batch.insert(key(EVENT, &event.sequence.to_be_bytes()), encode(event)?);
+                }
+                Write::Agent(agent) => batch.insert(key(AGENT, &agent.id.to_bytes()), encode(agent)?),
+                Write::RemoveAgent(id) => batch.remove(key(AGENT, &id.to_bytes())),
+            }
+        }
+        self.tree.apply_batch(batch).map_err(engine)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(engine)
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        self.tree.get(key(TASK, &id.to_bytes())).map_err(engine)?.map(|v| decode(&v)).transpose()
+    }
+
+    fn tasks_after(
+        &self,
+        after: Option<TaskId>,
+        limit: usize,
+        unfinished_only: bool,
+    ) -> Result<Vec<Task>, StoreError> {
+        let prefix = if unfinished_only { UNFINISHED } else { TASK };
+        let start = match after {
+            // The byte after the id's last key sorts after it and before the
+            // next id.
+            Some(id) => {
+                let mut k = key(prefix, &id.to_bytes());
+                k.push(0);
+                k
+            }
+            None => vec![prefix],
+        };
+        let mut out = Vec::new();
+        for item in self.tree.range(start..vec![prefix + 1]) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(engine)?;
+            if unfinished_only {
+                if let Some(task) = self.task(task_id_of(&k)?)? {
+                    out.push(task);
+                }
+            } else {
+                out.push(decode(&v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        let ids = self.scan_prefix(UNFINISHED, |k, _| task_id_of(k))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(task) = self.task(id)? {
+                out.push(task);
+            }
+        }
+        Ok(out)
+    }
+
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
+        let start = key(EVENT, &after.saturating_add(1).to_be_bytes());
+        let mut out = Vec::new();
+        for item in self.tree.range(start..vec![EVENT + 1]).take(limit) {
+            let (_, v) = item.map_err(engine)?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    fn last_sequence(&self) -> Result<u64, StoreError> {
+        match self.tree.scan_prefix([EVENT]).next_back() {
+            Some(item) => {
+                let (k, _) = item.map_err(engine)?;
+                let bytes: [u8; 8] =
+                    k.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::Codec("bad event key".into()))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.scan_prefix(AGENT, |_, v| decode(v))
+    }
+
+    fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError> {
+        self.scan_prefix(IDEMPOTENCY, |k, v| {
+            let name = String::from_utf8(k[1..].to_vec()).map_err(|e| StoreError::Codec(e.to_string()))?;
+            let bytes: [u8; 16] = v.as_ref().try_into().map_err(|_| StoreError::Codec("bad idempotency value".into()))?;
+            Ok((name, TaskId::from_bytes(bytes)))
+        })
+    }
+}
+

@@ -1,0 +1,135 @@
+//! The shared store suite: every [`Store`] implementation runs it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ulid::Ulid;
+
+use super::{MemoryStore, SledStore, Store, Write};
+use crate::model::*;
+
+fn make_task(state: TaskState, key: Option<&str>) -> Task {
+    Task {
+        id: TaskId(Ulid::new()),
+        spec: TaskSpec {
+            capability: "shell".into(),
+            selector: BTreeMap::new(),
+            queue: "default".into(),
+            priority: Priority::Normal,
+            payload: bytes::Bytes::from_static(b"{}"),
+            content_type: String::new(),
+            metadata: BTreeMap::new(),
+            timeout: Duration::from_secs(60),
+            queue_timeout: None,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(60),
+                multiplier: 2.0,
+            },
+            idempotency_key: key.map(str::to_owned),
+            not_before: None,
+            trace_context: BTreeMap::new(),
+        },
+        state,
+        attempt: 0,
+        attempt_base: 0,
+        attempts: Vec::new(),
+        output: bytes::Bytes::new(),
+        output_content_type: String::new(),
+        failure: None,
+        progress: None,
+        created_at: 1,
+        updated_at: 1,
+        ready_at: None,
+        deadline: None,
+        cancel_requested: false,
+        sequence: 0,
+    }
+}
+
+fn make_event(sequence: u64, task: &Task) -> TaskEvent {
+    TaskEvent {
+        sequence,
+        task_id: task.id,
+        kind: EventKind::State,
+        state: task.state,
+        previous_state: None,
+        attempt: 0,
+        agent_id: None,
+        queue: "default".into(),
+        capability: "shell".into(),
+        reason: "submitted".into(),
+        message: String::new(),
+        progress: None,
+        at: 1,
+    }
+}
+
+fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
+    assert_eq!(store.last_sequence()?, 0);
+    let queued = make_task(TaskState::Queued, Some("k1"));
+    let mut done = make_task(TaskState::Queued, None);
+    store.write(&[
+        Write::Task(queued.clone()),
+        Write::Task(done.clone()),
+        Write::Event(make_event(1, &queued)),
+        Write::Event(make_event(2, &done)),
+    ])?;
+    done.state = TaskState::Succeeded;
+    store.write(&[Write::Task(done.clone()), Write::Event(make_event(3, &done))])?;
+    store.flush()?;
+
+    assert_eq!(store.task(queued.id)?, Some(queued.clone()));
+    assert_eq!(store.task(TaskId(Ulid::new()))?, None);
+    let unfinished: Vec<TaskId> = store.unfinished_tasks()?.into_iter().map(|t| t.id).collect();
+    assert_eq!(unfinished, vec![queued.id]);
+    assert_eq!(store.tasks_after(None, 10, true)?.len(), 1);
+    let all: Vec<TaskId> = store.tasks_after(None, 10, false)?.into_iter().map(|t| t.id).collect();
+    assert_eq!(all, vec![queued.id, done.id]);
+    let page: Vec<TaskId> = store.tasks_after(Some(queued.id), 10, false)?.into_iter().map(|t| t.id).collect();
+    assert_eq!(page, vec![done.id]);
+    assert_eq!(store.tasks_after(None, 1, false)?.len(), 1);
+
+    let seqs: Vec<u64> = store.events_after(1, 10)?.into_iter().map(|e| e.sequence).collect();
+    assert_eq!(seqs, vec![2, 3]);
+    assert_eq!(store.events_after(0, 1)?.len(), 1);
+    assert_eq!(store.last_sequence()?, 3);
+    assert_eq!(store.idempotency_keys()?, vec![("k1".to_owned(), queued.id)]);
+
+    let agent = AgentRecord {
+        id: AgentId(Ulid::new()),
+        name: "a".into(),
+        resume_token: "t".into(),
+        capabilities: vec!["shell".into()],
+        labels: BTreeMap::new(),
+        slots: 2,
+        draining: false,
+        sdk_version: "0".into(),
+        metrics_address: String::new(),
+        connected_at: 1,
+    };
+    store.write(&[Write::Agent(agent.clone())])?;
+    assert_eq!(store.agents()?, vec![agent.clone()]);
+    store.write(&[Write::RemoveAgent(agent.id)])?;
+    assert!(store.agents()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn memory_store_passes_the_suite() -> Result<(), super::StoreError> {
+    run_suite(&MemoryStore::new())
+}
+
+#[test]
+fn sled_store_passes_the_suite_and_keeps_data_across_reopen() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    {
+        let store = SledStore::open(dir.path(), None)?;
+        run_suite(&store)?;
+    }
+    let store = SledStore::open(dir.path(), None)?;
+    assert_eq!(store.last_sequence()?, 3);
+    assert_eq!(store.unfinished_tasks()?.len(), 1);
+    Ok(())
+}
