@@ -102,7 +102,10 @@ impl ServerConfig {
         if self.default_timeout.is_zero() || self.default_timeout > self.limits.max_timeout {
             return Err(Error::invalid(
                 "default_timeout",
-                format!("must be between 1ms and max_timeout ({})", humantime::format_duration(self.limits.max_timeout)),
+                format!(
+                    "must be between 1ms and max_timeout ({})",
+                    humantime::format_duration(self.limits.max_timeout)
+                ),
             ));
         }
         if self.default_retry.max_attempts == 0 || self.default_retry.max_attempts > self.limits.max_attempts {

@@ -80,7 +80,11 @@ pub fn clip(mut value: String, limits: &Limits) -> String {
 }
 
 fn truncate(value: &str, max: usize) -> String {
-    if value.chars().count() <= max { value.to_owned() } else { format!("{}…", value.chars().take(max).collect::<String>()) }
+    if value.chars().count() <= max {
+        value.to_owned()
+    } else {
+        format!("{}…", value.chars().take(max).collect::<String>())
+    }
 }
 
 #[cfg(test)]

@@ -62,8 +62,7 @@ impl pb::agent_service_server::AgentService for AgentHandler {
         };
         let registration = convert::registration(register, &self.config)?;
         let (to_agent, from_core) = mpsc::unbounded_channel();
-        let (agent, conn) =
-            self.core.call(|reply| Command::Register { registration, tx: to_agent, reply }).await?;
+        let (agent, conn) = self.core.call(|reply| Command::Register { registration, tx: to_agent, reply }).await?;
         let (outbound, response) = mpsc::channel(256);
         tokio::spawn(forward(from_core, outbound.clone(), self.shutdown.clone()));
         tokio::spawn(read(inbound, agent, conn, self.core.clone(), self.config.clone(), outbound));

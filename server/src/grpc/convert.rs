@@ -343,7 +343,13 @@ pub(crate) fn registration(reg: pb::Register, config: &ServerConfig) -> Result<R
     if reg.slots == 0 {
         return Err(Error::invalid("register.slots", "must be at least 1"));
     }
-    validate::within("register.slots", "slots", reg.slots as usize, limits.max_agent_slots as usize, "max_agent_slots")?;
+    validate::within(
+        "register.slots",
+        "slots",
+        reg.slots as usize,
+        limits.max_agent_slots as usize,
+        "max_agent_slots",
+    )?;
     validate::within("register.sdk_version", "characters", reg.sdk_version.len(), limits.max_name_len, "max_name_len")?;
     validate::within(
         "register.metrics_address",

@@ -111,8 +111,11 @@ impl pb::task_service_server::TaskService for TaskHandler {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        let mut after =
-            if request.page_token.is_empty() { None } else { Some(convert::task_id("page_token", &request.page_token)?) };
+        let mut after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(convert::task_id("page_token", &request.page_token)?)
+        };
         let store = self.store.clone();
         let (sequence, tasks, more) = blocking(move || {
             // The sequence is read first: any change after it is replayed by
@@ -137,7 +140,8 @@ impl pb::task_service_server::TaskService for TaskHandler {
             }
         })
         .await?;
-        let next_page_token = if more { tasks.last().map(|t| t.id.to_string()).unwrap_or_default() } else { String::new() };
+        let next_page_token =
+            if more { tasks.last().map(|t| t.id.to_string()).unwrap_or_default() } else { String::new() };
         Ok(Response::new(pb::ListTasksResponse {
             tasks: tasks.iter().map(convert::task_to_pb).collect(),
             next_page_token,

@@ -197,7 +197,8 @@ impl Core {
             core.tasks.insert(id, live);
         }
         for (id, attempt) in orphans {
-            let failure = Failure::new(reason::AGENT_LOST, "the agent holding this attempt is unknown after a restart", true);
+            let failure =
+                Failure::new(reason::AGENT_LOST, "the agent holding this attempt is unknown after a restart", true);
             core.fail_attempt(id, attempt, failure, now);
         }
         info!(tasks = count, agents = core.agents.len(), sequence = core.next_sequence - 1, "scheduler recovered");
@@ -274,8 +275,10 @@ impl Core {
                     if self.is_live_attempt(id, attempt) {
                         let timeout = self.tasks.get(&id).map(|l| l.task.spec.timeout).unwrap_or_default();
                         self.send_cancel(id, attempt, reason::TIMEOUT);
-                        let message =
-                            format!("attempt {attempt} exceeded its timeout of {}", humantime::format_duration(timeout));
+                        let message = format!(
+                            "attempt {attempt} exceeded its timeout of {}",
+                            humantime::format_duration(timeout)
+                        );
                         self.fail_attempt(id, attempt, Failure::new(reason::TIMEOUT, message, true), now);
                     }
                 }
@@ -294,7 +297,10 @@ impl Core {
                         self.clear_timers(&mut live);
                         live.token = None;
                         let limit = live.task.spec.queue_timeout.unwrap_or_default();
-                        let message = format!("waited queued longer than its queue timeout of {}", humantime::format_duration(limit));
+                        let message = format!(
+                            "waited queued longer than its queue timeout of {}",
+                            humantime::format_duration(limit)
+                        );
                         live.task.failure = Some(Failure::new(reason::QUEUE_TIMEOUT, message.clone(), false));
                         self.transition(&mut live, TaskState::Failed, reason::QUEUE_TIMEOUT, message, now);
                         self.put(live);
@@ -334,9 +340,7 @@ impl Core {
         let shape = self.ready.shape(shape);
         let idle = self.idle.get(&shape.capability)?;
         idle.values().copied().find(|id| {
-            self.agents
-                .get(id)
-                .is_some_and(|s| shape.selector.iter().all(|(k, v)| s.record.labels.get(k) == Some(v)))
+            self.agents.get(id).is_some_and(|s| shape.selector.iter().all(|(k, v)| s.record.labels.get(k) == Some(v)))
         })
     }
 
@@ -354,7 +358,9 @@ impl Core {
                     Some(&id) => {
                         if let std::collections::hash_map::Entry::Vacant(slot) = existing.entry(id) {
                             let task = self.lookup(id)?.ok_or_else(|| {
-                                Error::Unavailable(format!("task {id} for idempotency key '{key}' is being written; retry"))
+                                Error::Unavailable(format!(
+                                    "task {id} for idempotency key '{key}' is being written; retry"
+                                ))
                             })?;
                             slot.insert(task);
                         }
@@ -637,7 +643,15 @@ impl Core {
                     live.task.progress = Some(progress.clone());
                     let state = live.task.state;
                     let text = progress.message.clone();
-                    self.event(&mut live.task, EventKind::Progress, Some(state), reason::PROGRESS, text, Some(progress), now);
+                    self.event(
+                        &mut live.task,
+                        EventKind::Progress,
+                        Some(state),
+                        reason::PROGRESS,
+                        text,
+                        Some(progress),
+                        now,
+                    );
                     self.put(live);
                 }
                 other => self.answer_stale(agent, id, attempt, other, None),
@@ -648,7 +662,12 @@ impl Core {
                     if output.len() > limit {
                         let message =
                             format!("output is {} bytes, over the limit of {limit} (max_output_bytes)", output.len());
-                        self.fail_attempt(id, attempt, Failure::new(reason::OUTPUT_TOO_LARGE, message.clone(), false), now);
+                        self.fail_attempt(
+                            id,
+                            attempt,
+                            Failure::new(reason::OUTPUT_TOO_LARGE, message.clone(), false),
+                            now,
+                        );
                         let error = Error::ResourceExhausted(message);
                         self.send(agent, ToAgent::Rejected { task_id: id, attempt, error });
                         return;
@@ -708,7 +727,11 @@ impl Core {
         if let Some(live) = self.tasks.get(&id) {
             let task = &live.task;
             if task.attempt == attempt && task.state.is_active() {
-                return if task.live_agent() == Some(agent) { Check::Live } else { foreign("is held by another agent") };
+                return if task.live_agent() == Some(agent) {
+                    Check::Live
+                } else {
+                    foreign("is held by another agent")
+                };
             }
             return match task.attempt_record(attempt) {
                 Some(record) => Check::Ended(record.state),

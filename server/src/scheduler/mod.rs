@@ -10,9 +10,9 @@
 pub(crate) mod core;
 pub(crate) mod driver;
 mod ready;
-mod timers;
 #[cfg(test)]
 mod tests;
+mod timers;
 
 use std::time::Duration;
 
@@ -54,9 +54,21 @@ pub(crate) enum ToAgent {
         dropped: Vec<(TaskId, u32)>,
     },
     Assign(Box<Task>),
-    Cancel { task_id: TaskId, attempt: u32, reason: String, grace: Duration },
-    Ack { task_id: TaskId, attempt: u32 },
-    Rejected { task_id: TaskId, attempt: u32, error: Error },
+    Cancel {
+        task_id: TaskId,
+        attempt: u32,
+        reason: String,
+        grace: Duration,
+    },
+    Ack {
+        task_id: TaskId,
+        attempt: u32,
+    },
+    Rejected {
+        task_id: TaskId,
+        attempt: u32,
+        error: Error,
+    },
     Heartbeat,
     Drain(bool),
     /// End the session with this error.

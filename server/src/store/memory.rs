@@ -73,12 +73,7 @@ impl Store for MemoryStore {
         Ok(self.lock().tasks.get(&id).cloned())
     }
 
-    fn tasks_after(
-        &self,
-        after: Option<TaskId>,
-        limit: usize,
-        unfinished_only: bool,
-    ) -> Result<Vec<Task>, StoreError> {
+    fn tasks_after(&self, after: Option<TaskId>, limit: usize, unfinished_only: bool) -> Result<Vec<Task>, StoreError> {
         use std::ops::Bound::{Excluded, Unbounded};
         let inner = self.lock();
         let lower = after.map_or(Unbounded, Excluded);

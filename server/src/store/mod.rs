@@ -55,12 +55,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
     /// Up to `limit` tasks with ids greater than `after`, in id order. With
     /// `unfinished_only`, only tasks that are not terminal (via the index).
-    fn tasks_after(
-        &self,
-        after: Option<TaskId>,
-        limit: usize,
-        unfinished_only: bool,
-    ) -> Result<Vec<Task>, StoreError>;
+    fn tasks_after(&self, after: Option<TaskId>, limit: usize, unfinished_only: bool) -> Result<Vec<Task>, StoreError>;
     /// Every task that is not terminal.
     fn unfinished_tasks(&self) -> Result<Vec<Task>, StoreError>;
     /// Up to `limit` events with sequence greater than `after`, in order.
@@ -85,9 +80,7 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
-        Some((&RECORD_VERSION, rest)) => {
-            rmp_serde::from_slice(rest).map_err(|e| StoreError::Codec(e.to_string()))
-        }
+        Some((&RECORD_VERSION, rest)) => rmp_serde::from_slice(rest).map_err(|e| StoreError::Codec(e.to_string())),
         Some((version, _)) => Err(StoreError::Codec(format!("unknown record version {version}"))),
         None => Err(StoreError::Codec("empty record".into())),
     }

@@ -102,12 +102,7 @@ impl Store for SledStore {
         self.tree.get(key(TASK, &id.to_bytes())).map_err(engine)?.map(|v| decode(&v)).transpose()
     }
 
-    fn tasks_after(
-        &self,
-        after: Option<TaskId>,
-        limit: usize,
-        unfinished_only: bool,
-    ) -> Result<Vec<Task>, StoreError> {
+    fn tasks_after(&self, after: Option<TaskId>, limit: usize, unfinished_only: bool) -> Result<Vec<Task>, StoreError> {
         let prefix = if unfinished_only { UNFINISHED } else { TASK };
         let start = match after {
             // The byte after the id's last key sorts after it and before the
@@ -161,8 +156,10 @@ impl Store for SledStore {
         match self.tree.scan_prefix([EVENT]).next_back() {
             Some(item) => {
                 let (k, _) = item.map_err(engine)?;
-                let bytes: [u8; 8] =
-                    k.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::Codec("bad event key".into()))?;
+                let bytes: [u8; 8] = k
+                    .get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| StoreError::Codec("bad event key".into()))?;
                 Ok(u64::from_be_bytes(bytes))
             }
             None => Ok(0),
@@ -176,9 +173,9 @@ impl Store for SledStore {
     fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError> {
         self.scan_prefix(IDEMPOTENCY, |k, v| {
             let name = String::from_utf8(k[1..].to_vec()).map_err(|e| StoreError::Codec(e.to_string()))?;
-            let bytes: [u8; 16] = v.as_ref().try_into().map_err(|_| StoreError::Codec("bad idempotency value".into()))?;
+            let bytes: [u8; 16] =
+                v.as_ref().try_into().map_err(|_| StoreError::Codec("bad idempotency value".into()))?;
             Ok((name, TaskId::from_bytes(bytes)))
         })
     }
 }
-

@@ -85,10 +85,12 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
     let unfinished: Vec<TaskId> = store.unfinished_tasks()?.into_iter().map(|t| t.id).collect();
     assert_eq!(unfinished, vec![queued.id]);
     assert_eq!(store.tasks_after(None, 10, true)?.len(), 1);
+    let mut ordered = vec![queued.id, done.id];
+    ordered.sort();
     let all: Vec<TaskId> = store.tasks_after(None, 10, false)?.into_iter().map(|t| t.id).collect();
-    assert_eq!(all, vec![queued.id, done.id]);
-    let page: Vec<TaskId> = store.tasks_after(Some(queued.id), 10, false)?.into_iter().map(|t| t.id).collect();
-    assert_eq!(page, vec![done.id]);
+    assert_eq!(all, ordered);
+    let page: Vec<TaskId> = store.tasks_after(Some(ordered[0]), 10, false)?.into_iter().map(|t| t.id).collect();
+    assert_eq!(page, vec![ordered[1]]);
     assert_eq!(store.tasks_after(None, 1, false)?.len(), 1);
 
     let seqs: Vec<u64> = store.events_after(1, 10)?.into_iter().map(|e| e.sequence).collect();
