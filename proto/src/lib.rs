@@ -15,8 +15,7 @@ pub mod pb {
 }
 
 /// The encoded `FileDescriptorSet` of `muster.v1`, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/muster_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/muster_descriptor.bin"));
 
 /// The version of the protocol spoken by this crate, sent by agents at
 /// registration.
@@ -25,10 +24,7 @@ pub const PROTOCOL_VERSION: &str = "muster.v1";
 impl pb::AttemptRef {
     /// Builds a reference to attempt `attempt` of task `task_id`.
     pub fn new(task_id: impl Into<String>, attempt: u32) -> Self {
-        Self {
-            task_id: task_id.into(),
-            attempt,
-        }
+        Self { task_id: task_id.into(), attempt }
     }
 }
 
@@ -56,17 +52,9 @@ impl pb::TaskState {
     pub fn parse(s: &str) -> Option<Self> {
         let upper = s.trim().to_ascii_uppercase();
         let short = upper.strip_prefix("TASK_STATE_").unwrap_or(&upper);
-        [
-            Self::Pending,
-            Self::Queued,
-            Self::Assigned,
-            Self::Running,
-            Self::Succeeded,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|state| state.short_name() == short)
+        [Self::Pending, Self::Queued, Self::Assigned, Self::Running, Self::Succeeded, Self::Failed, Self::Cancelled]
+            .into_iter()
+            .find(|state| state.short_name() == short)
     }
 }
 
