@@ -1,1 +1,39 @@
-//! placeholder
+//! The Muster agent SDK: write agents that join a Muster fleet, and submit
+//! and watch work from any Rust service.
+//!
+//! Two halves share one crate because agents often submit follow-up work:
+//!
+//! - [`Agent`] runs handlers. Build one with [`Agent::builder`], register a
+//!   handler per capability, and [`run`](Agent::run) it. The runtime keeps
+//!   one gRPC stream to the server, accepts assignments, streams progress,
+//!   reports results until they are acknowledged, reconnects and resumes its
+//!   session after network trouble, stops its work if it cannot reach the
+//!   server for the lease TTL (the server will have reassigned it), and
+//!   drains on SIGTERM.
+//! - [`Client`] submits tasks ([`NewTask`] builds their specs), reads,
+//!   watches, cancels and retries them, and drains or resumes agents.
+//!
+//! Execution is at-least-once: a handler may run again for the same task
+//! after a crash or a lost lease, so side effects should be keyed by
+//! [`TaskContext::task_id`].
+//!
+//! See `examples/echo_agent.rs` for a complete agent.
+
+mod agent;
+mod backoff;
+mod client;
+mod connect;
+mod context;
+mod endpoint;
+mod error;
+mod runtime;
+mod task;
+
+pub use muster_proto::pb as proto;
+pub use tokio_util::sync::CancellationToken;
+
+pub use crate::agent::{Agent, AgentBuilder};
+pub use crate::client::Client;
+pub use crate::context::{Output, TaskContext, TaskError};
+pub use crate::error::Error;
+pub use crate::task::NewTask;

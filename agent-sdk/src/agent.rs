@@ -1,0 +1,390 @@
+//! [`Agent`] and [`AgentBuilder`]: how an agent author declares handlers and
+//! runs the process that serves them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{Output, TaskContext, TaskError};
+use crate::endpoint::normalize_endpoint;
+use crate::{Error, runtime};
+
+/// A type-erased handler, shared by every attempt of its capability.
+pub(crate) type HandlerFn = Arc<dyn Fn(TaskContext) -> BoxFuture<'static, Result<Output, TaskError>> + Send + Sync>;
+
+/// Default number of attempts run at once.
+const DEFAULT_SLOTS: u32 = 4;
+/// Default time running work gets to finish after a drain starts.
+const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// Default reconnect backoff bounds.
+const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest agent name the server accepts.
+const MAX_NAME_LEN: usize = 128;
+
+/// Everything the session runtime needs to know, fixed at build time.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) name: String,
+    /// Normalised endpoints, tried in order.
+    pub(crate) endpoints: Vec<String>,
+    /// The handlers' capabilities, sorted.
+    pub(crate) capabilities: Vec<String>,
+    pub(crate) labels: HashMap<String, String>,
+    pub(crate) slots: u32,
+    pub(crate) metrics_address: String,
+    pub(crate) drain_grace: Duration,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
+}
+
+/// A configured agent process, ready to join the fleet with
+/// [`run`](Agent::run).
+///
+/// ```no_run
+/// use muster_sdk::{Agent, Output, TaskContext, TaskError};
+///
+/// # async fn demo() -> Result<(), muster_sdk::Error> {
+/// Agent::builder("greeter")
+///     .server("http://127.0.0.1:7070")
+///     .handler("greet", |ctx: TaskContext| async move {
+///         let name: String = ctx.json()?;
+///         Ok::<_, TaskError>(Output::from(format!("hello, {name}")))
+///     })
+///     .build()?
+///     .run()
+///     .await
+/// # }
+/// ```
+pub struct Agent {
+    settings: Settings,
+    handlers: HashMap<String, HandlerFn>,
+}
+
+impl Agent {
+    /// Starts configuring an agent called `name` (not unique; shown in
+    /// listings; `[A-Za-z0-9._-]`, at most 128 characters).
+    pub fn builder(name: impl Into<String>) -> AgentBuilder {
+        AgentBuilder {
+            name: name.into(),
+            endpoints: Vec::new(),
+            handlers: BTreeMap::new(),
+            labels: HashMap::new(),
+            slots: DEFAULT_SLOTS,
+            metrics_address: String::new(),
+            drain_grace: DEFAULT_DRAIN_GRACE,
+            backoff_initial: DEFAULT_BACKOFF_INITIAL,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+
+    /// Serves tasks until SIGTERM or SIGINT, then drains: running work gets
+    /// the drain grace to finish and its results are delivered before the
+    /// call returns. A second signal stops at once, abandoning running work
+    /// (the server retries it once the lease runs out).
+    pub async fn run(self) -> Result<(), Error> {
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        let signals = tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
+        let result = tokio::select! {
+            result = self.run_until(shutdown) => result,
+            () = force.cancelled() => {
+                tracing::warn!("second signal received, exiting without draining");
+                Ok(())
+            }
+        };
+        signals.abort();
+        result
+    }
+
+    /// Serves tasks until `shutdown` fires, then drains like
+    /// [`run`](Agent::run). No signal handling: for embedding the agent in a
+    /// process that owns its own shutdown tree.
+    pub async fn run_until(self, shutdown: CancellationToken) -> Result<(), Error> {
+        runtime::Runtime::new(self.settings, self.handlers).run(shutdown).await
+    }
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// Collects an agent's configuration; [`build`](AgentBuilder::build) checks
+/// it.
+#[must_use = "an AgentBuilder does nothing until built and run"]
+pub struct AgentBuilder {
+    name: String,
+    endpoints: Vec<String>,
+    handlers: BTreeMap<String, HandlerFn>,
+    labels: HashMap<String, String>,
+    slots: u32,
+    metrics_address: String,
+    drain_grace: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+}
+
+impl AgentBuilder {
+    /// Adds a server endpoint (`http://host:port` or `host:port`). Call it
+    /// once per server of a highly available deployment: endpoints are tried
+    /// in order and a follower's redirect to the leader is followed.
+    pub fn server(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoints.push(endpoint.into());
+        self
+    }
+
+    /// Runs `f` for every task of `capability`; the agent advertises exactly
+    /// the capabilities it has handlers for. Registering a capability twice
+    /// keeps the last handler.
+    pub fn handler<F, Fut>(mut self, capability: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Output, TaskError>> + Send + 'static,
+    {
+        let handler: HandlerFn = Arc::new(move |ctx| f(ctx).boxed());
+        self.handlers.insert(capability.into(), handler);
+        self
+    }
+
+    /// Adds a label that task selectors can require (`os=linux`,
+    /// `gpu=a100`).
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// How many attempts the server may give this agent at once (default 4).
+    pub fn slots(mut self, slots: u32) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    /// The `host:port` of this agent's `/metrics` endpoint, announced at
+    /// registration so Prometheus can discover it through the server.
+    pub fn metrics_address(mut self, address: impl Into<String>) -> Self {
+        self.metrics_address = address.into();
+        self
+    }
+
+    /// How long running work may finish after a drain starts before it is
+    /// cancelled (default 30 s).
+    pub fn drain_grace(mut self, grace: Duration) -> Self {
+        self.drain_grace = grace;
+        self
+    }
+
+    /// Bounds of the reconnect backoff (defaults 100 ms and 5 s); each delay
+    /// is drawn uniformly below the doubling ceiling (full jitter).
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Checks the configuration: at least one valid server, at least one
+    /// handler, at least one slot and a name the server accepts.
+    pub fn build(self) -> Result<Agent, Error> {
+        if self.endpoints.is_empty() {
+            return Err(Error::InvalidConfig("no server endpoint configured".to_owned()));
+        }
+        if self.handlers.is_empty() {
+            return Err(Error::InvalidConfig("no handler registered".to_owned()));
+        }
+        if self.slots == 0 {
+            return Err(Error::InvalidConfig("slots must be at least 1".to_owned()));
+        }
+        validate_names(&self.name, self.handlers.keys())?;
+        let endpoints =
+            self.endpoints.iter().map(|endpoint| normalize_endpoint(endpoint)).collect::<Result<Vec<_>, _>>()?;
+        // A zero initial backoff would reconnect in a tight loop.
+        let backoff_initial = self.backoff_initial.max(Duration::from_millis(1));
+        let backoff_max = self.backoff_max.max(backoff_initial);
+        let settings = Settings {
+            name: self.name,
+            endpoints,
+            capabilities: self.handlers.keys().cloned().collect(),
+            labels: self.labels,
+            slots: self.slots,
+            metrics_address: self.metrics_address,
+            drain_grace: self.drain_grace,
+            backoff_initial,
+            backoff_max,
+        };
+        Ok(Agent { settings, handlers: self.handlers.into_iter().collect() })
+    }
+}
+
+impl fmt::Debug for AgentBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentBuilder")
+            .field("name", &self.name)
+            .field("endpoints", &self.endpoints)
+            .field("capabilities", &self.handlers.keys().collect::<Vec<_>>())
+            .field("labels", &self.labels)
+            .field("slots", &self.slots)
+            .field("metrics_address", &self.metrics_address)
+            .field("drain_grace", &self.drain_grace)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
+}
+
+/// Whether `name` is 1 to 128 characters, starts with a letter or digit and
+/// uses only letters, digits and `extra`: the server's rule for names.
+fn is_valid_name(name: &str, extra: &str) -> bool {
+    name.len() <= MAX_NAME_LEN
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+}
+
+/// Rejects agent names and capabilities the server would refuse, so the
+/// mistake shows when the agent is built rather than at registration.
+fn validate_names<'a>(name: &str, capabilities: impl IntoIterator<Item = &'a String>) -> Result<(), Error> {
+    if !is_valid_name(name, "._-") {
+        return Err(Error::InvalidConfig(format!(
+            "agent name {name:?} must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9._-], starting with a letter or digit"
+        )));
+    }
+    for capability in capabilities {
+        if !is_valid_name(capability, "._:/-") {
+            return Err(Error::InvalidConfig(format!(
+                "capability {capability:?} must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9._:/-], starting with a letter or digit"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGTERM/SIGINT and `force` on the second.
+async fn watch_signals(shutdown: CancellationToken, force: CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received, draining");
+    shutdown.cancel();
+    wait_for_signal().await;
+    force.cancel();
+}
+
+/// Completes on the next SIGTERM or SIGINT (Ctrl-C).
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(err) => {
+            tracing::warn!("cannot listen for SIGTERM, only SIGINT stops the agent: {err}");
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        result = tokio::signal::ctrl_c() => {
+            if let Err(err) = result {
+                tracing::warn!("cannot listen for SIGINT: {err}");
+                terminate.recv().await;
+            }
+        }
+    }
+}
+
+/// Completes on the next Ctrl-C.
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn noop(_ctx: TaskContext) -> Result<Output, TaskError> {
+        Ok(Output::empty())
+    }
+
+    fn config_error(result: Result<Agent, Error>) -> String {
+        match result {
+            Err(Error::InvalidConfig(message)) => message,
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn build_requires_a_server() {
+        let message = config_error(Agent::builder("a").handler("echo", noop).build());
+        assert!(message.contains("server"), "{message}");
+    }
+
+    #[test]
+    fn build_requires_a_handler() {
+        let message = config_error(Agent::builder("a").server("127.0.0.1:7070").build());
+        assert!(message.contains("handler"), "{message}");
+    }
+
+    #[test]
+    fn build_requires_a_slot() {
+        let result = Agent::builder("a").server("127.0.0.1:7070").handler("echo", noop).slots(0).build();
+        assert!(config_error(result).contains("slots"));
+    }
+
+    #[test]
+    fn build_rejects_names_the_server_refuses() {
+        for name in ["", "has space", "slash/name", "-leading-dash", &"x".repeat(129)] {
+            let result = Agent::builder(name).server("127.0.0.1:7070").handler("echo", noop).build();
+            assert!(config_error(result).contains("agent name"));
+        }
+    }
+
+    #[test]
+    fn build_rejects_capabilities_the_server_refuses() {
+        for capability in ["", "with space", ".hidden"] {
+            let result = Agent::builder("a").server("127.0.0.1:7070").handler(capability, noop).build();
+            assert!(config_error(result).contains("capability"), "{capability:?}");
+        }
+        let result = Agent::builder("a").server("127.0.0.1:7070").handler("gpu.render/v2:x", noop).build();
+        assert!(result.is_ok());
+    }
+
+    #[test]
+    fn build_rejects_invalid_endpoints() {
+        let result = Agent::builder("a").server("ftp://x").handler("echo", noop).build();
+        assert!(matches!(result, Err(Error::InvalidEndpoint(_))));
+    }
+
+    #[test]
+    fn build_collects_capabilities_and_normalises_endpoints() {
+        let agent = Agent::builder("worker-1")
+            .server("127.0.0.1:7070")
+            .server("http://10.0.0.2:7070")
+            .handler("shell", noop)
+            .handler("echo", noop)
+            .label("os", "linux")
+            .reconnect_backoff(Duration::ZERO, Duration::ZERO)
+            .build();
+        let agent = match agent {
+            Ok(agent) => agent,
+            Err(err) => panic!("build failed: {err}"),
+        };
+        let settings = &agent.settings;
+        assert_eq!(settings.capabilities, ["echo", "shell"]);
+        assert_eq!(settings.endpoints, ["http://127.0.0.1:7070", "http://10.0.0.2:7070"]);
+        assert_eq!(settings.slots, 4);
+        assert_eq!(settings.drain_grace, Duration::from_secs(30));
+        assert_eq!(settings.backoff_initial, Duration::from_millis(1));
+        assert_eq!(settings.backoff_max, Duration::from_millis(1));
+        assert_eq!(agent.handlers.len(), 2);
+    }
+}

@@ -1,0 +1,246 @@
+//! [`Client`], the submitter's and operator's view of a Muster server.
+
+use std::time::Duration;
+
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::backoff::jittered;
+use crate::endpoint::{MAX_MESSAGE_SIZE, connect_channel};
+use crate::proto::fleet_service_client::FleetServiceClient;
+use crate::proto::task_service_client::TaskServiceClient;
+use crate::{Error, proto};
+
+/// Backoff between watch reconnects in [`Client::wait`].
+const WATCH_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A cheap-to-clone handle on one server for submitting, watching and
+/// cancelling tasks and steering agents. Clones share the HTTP/2 connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    tasks: TaskServiceClient<Channel>,
+    fleet: FleetServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `endpoint` (`http://host:port`; `host:port` means
+    /// `http://host:port`). Fails fast if the server cannot be reached.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Client, Error> {
+        let channel = connect_channel(&endpoint.into()).await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps an existing channel, for callers that configure TLS, timeouts or
+    /// load balancing themselves.
+    pub fn from_channel(channel: Channel) -> Client {
+        Client {
+            tasks: TaskServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            fleet: FleetServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        }
+    }
+
+    /// Submits one task and returns it as created (or, with an idempotency
+    /// key already in use, the existing task).
+    pub async fn submit(&self, spec: proto::TaskSpec) -> Result<proto::Task, Error> {
+        let response = self.submit_many(vec![spec]).await?;
+        response.tasks.into_iter().next().ok_or_else(|| Error::Protocol("submit response holds no task".to_owned()))
+    }
+
+    /// Submits several tasks atomically: all are created or none is.
+    pub async fn submit_many(&self, specs: Vec<proto::TaskSpec>) -> Result<proto::SubmitResponse, Error> {
+        let request = proto::SubmitRequest { tasks: specs };
+        Ok(self.tasks.clone().submit(request).await?.into_inner())
+    }
+
+    /// Fetches one task.
+    pub async fn get(&self, id: &str) -> Result<proto::Task, Error> {
+        let request = proto::GetTaskRequest { id: id.to_owned() };
+        Ok(self.tasks.clone().get_task(request).await?.into_inner())
+    }
+
+    /// Lists one page of tasks; pass `next_page_token` back for the next.
+    pub async fn list(&self, request: proto::ListTasksRequest) -> Result<proto::ListTasksResponse, Error> {
+        Ok(self.tasks.clone().list_tasks(request).await?.into_inner())
+    }
+
+    /// Streams task events matching `request`. The stream ends when the
+    /// server closes it; resume with `after_sequence` set to the last event
+    /// seen to miss nothing.
+    pub async fn watch(
+        &self,
+        request: proto::WatchTasksRequest,
+    ) -> Result<BoxStream<'static, Result<proto::TaskEvent, Error>>, Error> {
+        let stream = self.tasks.clone().watch_tasks(request).await?.into_inner();
+        Ok(stream.map_err(Error::Status).boxed())
+    }
+
+    /// Asks a task to stop; `reason` is recorded as the failure message.
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<proto::Task, Error> {
+        let request = proto::CancelTaskRequest { id: id.to_owned(), reason: reason.to_owned() };
+        Ok(self.tasks.clone().cancel_task(request).await?.into_inner())
+    }
+
+    /// Requeues a failed or cancelled task with a fresh attempt budget.
+    pub async fn retry(&self, id: &str) -> Result<proto::Task, Error> {
+        let request = proto::RetryTaskRequest { id: id.to_owned() };
+        Ok(self.tasks.clone().retry_task(request).await?.into_inner())
+    }
+
+    /// Waits until the task is terminal (succeeded, failed or cancelled) and
+    /// returns it.
+    ///
+    /// The watch is opened before the task is read, so a transition between
+    /// the two cannot be missed; a watch that breaks is reopened after the
+    /// last event seen, with backoff, for as long as the failure looks
+    /// transient. Wrap the call in `tokio::time::timeout` to bound it.
+    pub async fn wait(&self, id: &str) -> Result<proto::Task, Error> {
+        let mut events = self.watch(watch_one(id, 0)).await?;
+        let mut last_seen = 0u64;
+        let mut failures = 0u32;
+        loop {
+            let task = self.get(id).await?;
+            if task.state().is_terminal() {
+                return Ok(task);
+            }
+            last_seen = last_seen.max(task.sequence);
+            // Read until a terminal state event (then read the task again) or
+            // until the watch breaks (then reopen it and read the task again,
+            // which also covers events the server no longer retains).
+            let broken = loop {
+                match events.next().await {
+                    Some(Ok(event)) => {
+                        failures = 0;
+                        last_seen = last_seen.max(event.sequence);
+                        if event.task_id == id && event.kind() == proto::EventKind::State && event.state().is_terminal()
+                        {
+                            break None;
+                        }
+                    }
+                    Some(Err(err)) => break Some(err),
+                    None => break Some(Error::Protocol("watch stream ended".to_owned())),
+                }
+            };
+            if let Some(err) = broken {
+                if !is_transient(&err) {
+                    return Err(err);
+                }
+                tracing::debug!(task_id = id, "watch broke, reopening: {err}");
+                events = self.rewatch(id, last_seen, &mut failures).await?;
+            }
+        }
+    }
+
+    /// Reopens the watch of task `id` after `last_seen`, retrying transient
+    /// failures with backoff.
+    async fn rewatch(
+        &self,
+        id: &str,
+        last_seen: u64,
+        failures: &mut u32,
+    ) -> Result<BoxStream<'static, Result<proto::TaskEvent, Error>>, Error> {
+        let mut after = last_seen;
+        loop {
+            let delay = jittered(*failures, WATCH_BACKOFF_INITIAL, WATCH_BACKOFF_MAX);
+            *failures = failures.saturating_add(1);
+            tokio::time::sleep(delay).await;
+            match self.watch(watch_one(id, after)).await {
+                Ok(events) => return Ok(events),
+                // The events after `after` are no longer retained: watch live
+                // instead; the caller reads the task right after, so nothing
+                // is lost.
+                Err(Error::Status(status))
+                    if after != 0 && matches!(status.code(), Code::OutOfRange | Code::FailedPrecondition) =>
+                {
+                    after = 0;
+                }
+                Err(err) if is_transient(&err) => {
+                    tracing::debug!(task_id = id, "reopening watch failed: {err}");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Lists connected agents, only those advertising `capability` unless it
+    /// is empty.
+    pub async fn list_agents(&self, capability: &str) -> Result<Vec<proto::Agent>, Error> {
+        let request = proto::ListAgentsRequest { capability: capability.to_owned() };
+        Ok(self.fleet.clone().list_agents(request).await?.into_inner().agents)
+    }
+
+    /// Fetches one agent.
+    pub async fn get_agent(&self, id: &str) -> Result<proto::Agent, Error> {
+        let request = proto::GetAgentRequest { id: id.to_owned() };
+        Ok(self.fleet.clone().get_agent(request).await?.into_inner())
+    }
+
+    /// Stops new assignments to an agent; its running work finishes.
+    pub async fn drain_agent(&self, id: &str) -> Result<proto::Agent, Error> {
+        let request = proto::DrainAgentRequest { id: id.to_owned() };
+        Ok(self.fleet.clone().drain_agent(request).await?.into_inner())
+    }
+
+    /// Undoes [`drain_agent`](Self::drain_agent).
+    pub async fn resume_agent(&self, id: &str) -> Result<proto::Agent, Error> {
+        let request = proto::ResumeAgentRequest { id: id.to_owned() };
+        Ok(self.fleet.clone().resume_agent(request).await?.into_inner())
+    }
+}
+
+/// A watch of one task's events after sequence `after`.
+fn watch_one(id: &str, after: u64) -> proto::WatchTasksRequest {
+    proto::WatchTasksRequest { task_id: id.to_owned(), after_sequence: after, ..proto::WatchTasksRequest::default() }
+}
+
+/// Whether a failed watch is worth reopening: network trouble and a server
+/// restarting or failing over are; a bad request or a missing task are not.
+fn is_transient(err: &Error) -> bool {
+    match err {
+        Error::Transport(_) | Error::Protocol(_) => true,
+        Error::Status(status) => matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::DeadlineExceeded
+        ),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Status;
+
+    use super::*;
+
+    #[test]
+    fn transient_errors_are_network_and_availability_failures() {
+        assert!(is_transient(&Error::Status(Status::unavailable("restarting"))));
+        assert!(is_transient(&Error::Protocol("watch stream ended".to_owned())));
+        assert!(!is_transient(&Error::Status(Status::not_found("no task"))));
+        assert!(!is_transient(&Error::Status(Status::invalid_argument("bad"))));
+    }
+
+    #[test]
+    fn watch_one_filters_by_task_and_resumes_after_sequence() {
+        let request = watch_one("t1", 42);
+        assert_eq!(request.task_id, "t1");
+        assert_eq!(request.after_sequence, 42);
+        assert!(!request.from_start);
+    }
+
+    #[tokio::test]
+    async fn connect_rejects_invalid_endpoint_before_dialing() {
+        let result = Client::connect("ftp://127.0.0.1:1").await;
+        assert!(matches!(result, Err(Error::InvalidEndpoint(_))));
+    }
+}

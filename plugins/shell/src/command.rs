@@ -1,0 +1,417 @@
+//! Running one `shell` task: parse the payload, spawn the program in its own
+//! process group, capture the tails of its output, and kill the whole group
+//! on cancellation.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use muster_sdk::{Output, TaskContext, TaskError};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+
+/// How much of stdout and of stderr is kept (the tail: the end of a log is
+/// where the error is).
+pub const MAX_STREAM_BYTES: usize = 64 * 1024;
+
+/// How much of stderr a failure message quotes.
+const MESSAGE_STDERR_BYTES: usize = 1024;
+
+/// How long output is still read after the program exited: a background
+/// process that inherited the pipes may hold them open indefinitely.
+const PIPE_DRAIN: Duration = Duration::from_secs(1);
+
+/// How long a killed process group gets to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// The payload as submitted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShellPayload {
+    argv: Vec<String>,
+    env: Option<BTreeMap<String, String>>,
+    cwd: Option<PathBuf>,
+}
+
+/// A validated command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShellCommand {
+    program: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<PathBuf>,
+}
+
+/// The task output.
+#[derive(Debug, Serialize)]
+struct ShellOutput {
+    exit_code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn invalid_payload(message: impl std::fmt::Display) -> TaskError {
+    TaskError::fatal(format!("invalid payload: {message}")).with_reason("invalid_payload")
+}
+
+/// Parses and validates a payload; every mistake is the submitter's, so none
+/// is retryable.
+fn parse_payload(payload: &[u8]) -> Result<ShellCommand, TaskError> {
+    let payload: ShellPayload = serde_json::from_slice(payload).map_err(invalid_payload)?;
+    let mut argv = payload.argv.into_iter();
+    let program = argv
+        .next()
+        .filter(|program| !program.is_empty())
+        .ok_or_else(|| invalid_payload("argv must start with a program name"))?;
+    Ok(ShellCommand { program, args: argv.collect(), env: payload.env.unwrap_or_default(), cwd: payload.cwd })
+}
+
+/// The `shell` handler.
+pub(crate) async fn run(ctx: TaskContext) -> Result<Output, TaskError> {
+    let command = parse_payload(ctx.payload())?;
+    let output = execute(&command, &ctx).await?;
+    if output.exit_code != 0 {
+        return Err(exit_error(&command.program, &output));
+    }
+    Output::json(&output)
+}
+
+fn exit_error(program: &str, output: &ShellOutput) -> TaskError {
+    let mut tail = TailBuffer::new(MESSAGE_STDERR_BYTES);
+    tail.push(output.stderr.trim_end().as_bytes());
+    let tail = tail.into_string();
+    let message = if tail.is_empty() {
+        format!("{program} exited with code {}", output.exit_code)
+    } else {
+        format!("{program} exited with code {}: {tail}", output.exit_code)
+    };
+    TaskError::retryable(message).with_reason("exit_code")
+}
+
+async fn execute(command: &ShellCommand, ctx: &TaskContext) -> Result<ShellOutput, TaskError> {
+    if let Some(cwd) = &command.cwd
+        && !cwd.is_dir()
+    {
+        return Err(TaskError::fatal(format!(
+            "cannot run {}: working directory {} does not exist",
+            command.program,
+            cwd.display()
+        ))
+        .with_reason("spawn_failed"));
+    }
+    let mut cmd = Command::new(&command.program);
+    cmd.args(&command.args)
+        .envs(&command.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(cwd) = &command.cwd {
+        cmd.current_dir(cwd);
+    }
+    // Its own process group, so cancellation reaches every descendant.
+    #[cfg(unix)]
+    cmd.process_group(0);
+    let mut child = cmd.spawn().map_err(|err| spawn_error(&command.program, &err))?;
+    let pid = child.id();
+    tracing::debug!(task_id = ctx.task_id(), program = %command.program, ?pid, "spawned");
+    // Armed until the program exits on its own: cancellation, and the agent
+    // aborting this handler at shutdown, both end the whole group.
+    let mut group = ProcessGroup::new(pid);
+
+    let mut stdout = TailBuffer::new(MAX_STREAM_BYTES);
+    let mut stderr = TailBuffer::new(MAX_STREAM_BYTES);
+    let finished = {
+        let collect = collect(&mut child, &mut stdout, &mut stderr);
+        tokio::select! {
+            status = collect => Some(status),
+            () = ctx.cancelled() => None,
+        }
+    };
+    match finished {
+        Some(Ok(status)) => {
+            group.disarm();
+            Ok(ShellOutput { exit_code: exit_code(status), stdout: stdout.into_string(), stderr: stderr.into_string() })
+        }
+        Some(Err(err)) => Err(TaskError::retryable(format!("waiting for {} failed: {err}", command.program))),
+        None => {
+            group.kill();
+            if let Err(err) = child.start_kill() {
+                tracing::debug!("killing the program failed: {err}");
+            }
+            if tokio::time::timeout(REAP_WAIT, child.wait()).await.is_err() {
+                tracing::warn!(?pid, "killed process not reaped in time");
+            }
+            Err(TaskError::fatal(format!("{} killed: task cancelled", command.program)).with_reason("cancelled"))
+        }
+    }
+}
+
+/// A missing or unusable program will not appear on retry; other spawn
+/// failures (out of processes, out of memory) may pass.
+fn spawn_error(program: &str, err: &io::Error) -> TaskError {
+    let retryable =
+        !matches!(err.kind(), io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput);
+    let message = match err.kind() {
+        io::ErrorKind::NotFound => format!("cannot run {program}: program not found"),
+        _ => format!("cannot run {program}: {err}"),
+    };
+    let error = if retryable { TaskError::retryable(message) } else { TaskError::fatal(message) };
+    error.with_reason("spawn_failed")
+}
+
+/// Waits for the child while reading both pipes into their tail buffers.
+async fn collect(child: &mut Child, stdout: &mut TailBuffer, stderr: &mut TailBuffer) -> io::Result<ExitStatus> {
+    let out_pipe = child.stdout.take();
+    let err_pipe = child.stderr.take();
+    let reads = async {
+        tokio::join!(read_tail(out_pipe, stdout), read_tail(err_pipe, stderr));
+    };
+    tokio::pin!(reads);
+    let mut reads_done = false;
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        () = &mut reads => {
+            reads_done = true;
+            child.wait().await?
+        }
+    };
+    if !reads_done && tokio::time::timeout(PIPE_DRAIN, &mut reads).await.is_err() {
+        tracing::debug!("output pipes still open after the program exited; output cut");
+    }
+    Ok(status)
+}
+
+async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, tail: &mut TailBuffer) {
+    let Some(mut pipe) = pipe else {
+        return;
+    };
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) => return,
+            Ok(n) => tail.push(chunk.get(..n).unwrap_or_default()),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                tracing::debug!("reading output failed: {err}");
+                return;
+            }
+        }
+    }
+}
+
+/// The exit code, or 128 + signal number for a program killed by a signal
+/// (the shell convention).
+fn exit_code(status: ExitStatus) -> i32 {
+    if let Some(code) = status.code() {
+        return code;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            return 128 + signal;
+        }
+    }
+    -1
+}
+
+/// The process group a spawned program leads (it was spawned with
+/// `process_group(0)`), killed on [`kill`](Self::kill) or on drop unless
+/// disarmed, so no grandchild outlives a cancelled or abandoned task.
+#[derive(Debug)]
+struct ProcessGroup {
+    pgid: Option<i32>,
+}
+
+impl ProcessGroup {
+    fn new(pid: Option<u32>) -> Self {
+        Self { pgid: pid.and_then(|pid| i32::try_from(pid).ok()).filter(|pid| *pid > 0) }
+    }
+
+    /// The program ended on its own: leave whatever it left running alone.
+    fn disarm(&mut self) {
+        self.pgid = None;
+    }
+
+    fn kill(&mut self) {
+        let Some(pgid) = self.pgid.take() else {
+            return;
+        };
+        #[cfg(unix)]
+        {
+            // SAFETY: kill(2) takes plain integers and has no memory-safety
+            // preconditions; the negative pid addresses the process group.
+            let rc = unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            if rc != 0 {
+                tracing::debug!(pgid, "killing the process group failed: {}", io::Error::last_os_error());
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = pgid;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Keeps the last `cap` bytes written to it, without holding more than
+/// twice that in memory however much is written.
+#[derive(Debug)]
+struct TailBuffer {
+    bytes: Vec<u8>,
+    cap: usize,
+}
+
+impl TailBuffer {
+    fn new(cap: usize) -> Self {
+        Self { bytes: Vec::new(), cap }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes.extend_from_slice(chunk);
+        if self.bytes.len() > self.cap.saturating_mul(2) {
+            let excess = self.bytes.len() - self.cap;
+            self.bytes.drain(..excess);
+        }
+    }
+
+    /// The tail as text: invalid UTF-8 is replaced, and a character cut in
+    /// half at the start of the tail is dropped rather than shown as junk.
+    fn into_string(self) -> String {
+        let start = self.bytes.len().saturating_sub(self.cap);
+        let mut tail = self.bytes.get(start..).unwrap_or_default();
+        if start > 0 {
+            let partial = tail.iter().take(3).take_while(|&&byte| byte & 0b1100_0000 == 0b1000_0000).count();
+            tail = tail.get(partial..).unwrap_or_default();
+        }
+        String::from_utf8_lossy(tail).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ShellCommand, TaskError> {
+        parse_payload(json.as_bytes())
+    }
+
+    fn expect_invalid(json: &str) {
+        match parse(json) {
+            Err(err) => {
+                assert_eq!(err.reason, "invalid_payload", "{json}");
+                assert!(!err.retryable, "{json}");
+                assert!(err.message.starts_with("invalid payload: "), "{}", err.message);
+            }
+            Ok(command) => panic!("{json} parsed as {command:?}"),
+        }
+    }
+
+    #[test]
+    fn payload_with_argv_env_and_cwd_parses() {
+        let command = parse(r#"{"argv": ["echo", "hello", "world"], "env": {"K": "V"}, "cwd": "/tmp"}"#);
+        let expected = ShellCommand {
+            program: "echo".to_owned(),
+            args: vec!["hello".to_owned(), "world".to_owned()],
+            env: BTreeMap::from([("K".to_owned(), "V".to_owned())]),
+            cwd: Some(PathBuf::from("/tmp")),
+        };
+        assert_eq!(command, Ok(expected));
+    }
+
+    #[test]
+    fn payload_env_and_cwd_are_optional_or_null() {
+        for json in [r#"{"argv": ["true"]}"#, r#"{"argv": ["true"], "env": null, "cwd": null}"#] {
+            let command = parse(json);
+            assert!(
+                matches!(&command, Ok(c) if c.program == "true" && c.env.is_empty() && c.cwd.is_none()),
+                "{json}: {command:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_payloads_are_fatal_invalid_payload() {
+        for json in [
+            "not json",
+            "{}",
+            r#"{"argv": []}"#,
+            r#"{"argv": [""]}"#,
+            r#"{"argv": "echo hi"}"#,
+            r#"{"argv": ["echo"], "args": ["typo"]}"#,
+            r#"{"argv": ["echo"], "env": {"K": 1}}"#,
+        ] {
+            expect_invalid(json);
+        }
+    }
+
+    #[test]
+    fn tail_buffer_keeps_everything_under_the_cap() {
+        let mut tail = TailBuffer::new(8);
+        tail.push(b"abc");
+        tail.push(b"def");
+        assert_eq!(tail.into_string(), "abcdef");
+    }
+
+    #[test]
+    fn tail_buffer_keeps_the_last_cap_bytes() {
+        let mut tail = TailBuffer::new(4);
+        for chunk in [&b"0123"[..], b"4567", b"89", b"abcdefgh", b"XYZ"] {
+            tail.push(chunk);
+            assert!(tail.bytes.len() <= 8, "memory stays bounded");
+        }
+        assert_eq!(tail.into_string(), "hXYZ");
+    }
+
+    #[test]
+    fn tail_buffer_caps_64_kib_streams() {
+        let mut tail = TailBuffer::new(MAX_STREAM_BYTES);
+        for _ in 0..100 {
+            tail.push(&[b'a'; 4096]);
+        }
+        tail.push(b"END");
+        let text = tail.into_string();
+        assert_eq!(text.len(), MAX_STREAM_BYTES);
+        assert!(text.ends_with("aEND"));
+    }
+
+    #[test]
+    fn tail_buffer_drops_a_character_cut_at_the_start() {
+        let mut tail = TailBuffer::new(5);
+        tail.push("aé€x".as_bytes()); // a(1) é(2) €(3) x(1): the last 5 bytes cut é
+        assert_eq!(tail.into_string(), "€x");
+    }
+
+    #[test]
+    fn tail_buffer_replaces_invalid_utf8() {
+        let mut tail = TailBuffer::new(16);
+        tail.push(&[b'o', b'k', 0xff]);
+        assert_eq!(tail.into_string(), "ok\u{fffd}");
+    }
+
+    #[test]
+    fn exit_error_names_code_and_stderr_tail() {
+        let output = ShellOutput { exit_code: 3, stdout: String::new(), stderr: "warning\nfatal: broken\n".to_owned() };
+        let err = exit_error("make", &output);
+        assert_eq!(err.reason, "exit_code");
+        assert!(err.retryable);
+        assert_eq!(err.message, "make exited with code 3: warning\nfatal: broken");
+    }
+
+    #[test]
+    fn missing_program_is_a_fatal_spawn_failure_naming_it() {
+        let err = spawn_error("nope", &io::Error::from(io::ErrorKind::NotFound));
+        assert_eq!(err.reason, "spawn_failed");
+        assert!(!err.retryable);
+        assert!(err.message.contains("nope"));
+        let transient = spawn_error("x", &io::Error::from(io::ErrorKind::WouldBlock));
+        assert!(transient.retryable);
+    }
+}

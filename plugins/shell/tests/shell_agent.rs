@@ -1,0 +1,261 @@
+//! The shell agent running real programs, driven through the SDK runtime by
+//! a scripted server on a loopback connection: the test plays the server,
+//! assigns `shell` tasks and reads what the agent reports.
+#![cfg(unix)]
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use muster_sdk::CancellationToken;
+use muster_sdk::proto::agent_service_server::{AgentService, AgentServiceServer};
+use muster_sdk::proto::{self, agent_message, server_message};
+use muster_shell_agent::{ShellAgentConfig, build_agent};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct ScriptedServer {
+    sessions: mpsc::UnboundedSender<ScriptedSession>,
+}
+
+struct ScriptedSession {
+    inbound: Streaming<proto::AgentMessage>,
+    outbound: mpsc::UnboundedSender<Result<proto::ServerMessage, Status>>,
+}
+
+#[tonic::async_trait]
+impl AgentService for ScriptedServer {
+    type ConnectStream = UnboundedReceiverStream<Result<proto::ServerMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let (outbound, rx) = mpsc::unbounded_channel();
+        let session = ScriptedSession { inbound: request.into_inner(), outbound };
+        self.sessions.send(session).map_err(|_| Status::unavailable("test over"))?;
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+impl ScriptedSession {
+    /// The agent's next message other than a heartbeat or progress.
+    async fn recv(&mut self) -> anyhow::Result<agent_message::Msg> {
+        loop {
+            let message = tokio::time::timeout(STEP_TIMEOUT, self.inbound.message())
+                .await
+                .context("timed out waiting for the agent")??
+                .context("agent closed the stream")?;
+            match message.msg {
+                Some(agent_message::Msg::Heartbeat(_) | agent_message::Msg::Progress(_)) => {}
+                Some(msg) => return Ok(msg),
+                None => bail!("empty agent message"),
+            }
+        }
+    }
+
+    fn send(&self, msg: server_message::Msg) {
+        let _ = self.outbound.send(Ok(proto::ServerMessage { msg: Some(msg) }));
+    }
+
+    fn assign(&self, task_id: &str, payload: &Value) {
+        self.send(server_message::Msg::Assign(proto::Assignment {
+            attempt: Some(proto::AttemptRef::new(task_id, 1)),
+            capability: "shell".to_owned(),
+            payload: payload.to_string().into_bytes(),
+            content_type: "application/json".to_owned(),
+            ..proto::Assignment::default()
+        }));
+    }
+
+    /// Assigns a task and returns its result, acknowledged.
+    async fn run(&mut self, task_id: &str, payload: &Value) -> anyhow::Result<agent_message::Msg> {
+        self.assign(task_id, payload);
+        match self.recv().await? {
+            agent_message::Msg::Accept(_) => {}
+            other => bail!("expected accept, got {other:?}"),
+        }
+        let result = self.recv().await?;
+        self.send(server_message::Msg::Ack(proto::Ack { attempt: Some(proto::AttemptRef::new(task_id, 1)) }));
+        Ok(result)
+    }
+}
+
+/// A registered session with a running shell agent.
+async fn spawn_shell_agent() -> anyhow::Result<(ScriptedSession, CancellationToken)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let (sessions_tx, mut sessions) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(ScriptedServer { sessions: sessions_tx }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let agent = build_agent(&ShellAgentConfig {
+        server: format!("http://{address}"),
+        name: "shell-test".to_owned(),
+        slots: 2,
+    })?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(agent.run_until(shutdown.clone()));
+
+    let mut session = tokio::time::timeout(STEP_TIMEOUT, sessions.recv()).await?.context("no session")?;
+    match session.recv().await? {
+        agent_message::Msg::Register(register) => {
+            assert_eq!(register.capabilities, ["shell"]);
+            assert_eq!(register.labels.get("os").map(String::as_str), Some(std::env::consts::OS));
+        }
+        other => bail!("expected register, got {other:?}"),
+    }
+    session.send(server_message::Msg::Registered(proto::Registered {
+        agent_id: "agent-1".to_owned(),
+        resume_token: "resume-1".to_owned(),
+        heartbeat_interval: Some(prost_duration(5)),
+        lease_ttl: Some(prost_duration(30)),
+        ..proto::Registered::default()
+    }));
+    Ok((session, shutdown))
+}
+
+fn prost_duration(seconds: i64) -> prost_types::Duration {
+    prost_types::Duration { seconds, nanos: 0 }
+}
+
+fn expect_complete(result: agent_message::Msg) -> anyhow::Result<Value> {
+    match result {
+        agent_message::Msg::Complete(complete) => {
+            assert_eq!(complete.content_type, "application/json");
+            Ok(serde_json::from_slice(&complete.output)?)
+        }
+        other => bail!("expected complete, got {other:?}"),
+    }
+}
+
+fn expect_failure(result: agent_message::Msg) -> anyhow::Result<proto::Failure> {
+    match result {
+        agent_message::Msg::Fail(fail) => fail.failure.context("fail without failure"),
+        other => bail!("expected fail, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn command_output_env_and_cwd_are_reported() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent().await?;
+    let dir = tempfile::tempdir()?;
+    let payload = json!({
+        "argv": ["sh", "-c", "echo \"$GREETING\"; pwd; echo warn >&2"],
+        "env": {"GREETING": "hello"},
+        "cwd": dir.path(),
+    });
+    let output = expect_complete(session.run("t1", &payload).await?)?;
+    let cwd = dir.path().canonicalize()?;
+    assert_eq!(output["exit_code"], 0);
+    assert_eq!(output["stdout"], format!("hello\n{}\n", cwd.display()));
+    assert_eq!(output["stderr"], "warn\n");
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn large_output_keeps_only_the_last_64_kib() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent().await?;
+    let payload = json!({"argv": ["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' a; echo END"]});
+    let output = expect_complete(session.run("t1", &payload).await?)?;
+    let stdout = output["stdout"].as_str().context("stdout is a string")?;
+    assert_eq!(stdout.len(), muster_shell_agent::MAX_STREAM_BYTES);
+    assert!(stdout.ends_with("aaEND\n"));
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn non_zero_exit_fails_retryable_with_code_and_stderr() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent().await?;
+    let payload = json!({"argv": ["sh", "-c", "echo broken >&2; exit 3"]});
+    let failure = expect_failure(session.run("t1", &payload).await?)?;
+    assert_eq!(failure.reason, "exit_code");
+    assert!(failure.retryable);
+    assert!(failure.message.contains("code 3"), "{}", failure.message);
+    assert!(failure.message.contains("broken"), "{}", failure.message);
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_program_and_bad_payload_fail_for_good() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent().await?;
+    let payload = json!({"argv": ["muster-no-such-program"]});
+    let failure = expect_failure(session.run("t1", &payload).await?)?;
+    assert_eq!(failure.reason, "spawn_failed");
+    assert!(!failure.retryable);
+    assert!(failure.message.contains("muster-no-such-program"));
+
+    let failure = expect_failure(session.run("t2", &json!({"argv": []})).await?)?;
+    assert_eq!(failure.reason, "invalid_payload");
+    assert!(!failure.retryable);
+    shutdown.cancel();
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn cancel_kills_the_whole_process_group() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent().await?;
+    let dir = tempfile::tempdir()?;
+    let pid_file = dir.path().join("grandchild.pid");
+    let script = format!("sleep 60 & echo $! > {}; wait", pid_file.display());
+    session.assign("t1", &json!({"argv": ["sh", "-c", script]}));
+    match session.recv().await? {
+        agent_message::Msg::Accept(_) => {}
+        other => bail!("expected accept, got {other:?}"),
+    }
+    let grandchild = wait_for_pid(&pid_file).await?;
+    assert!(is_alive(grandchild), "the grandchild runs before the cancel");
+
+    session.send(server_message::Msg::Cancel(proto::CancelAttempt {
+        attempt: Some(proto::AttemptRef::new("t1", 1)),
+        reason: "cancelled".to_owned(),
+        grace: None,
+    }));
+    let failure = expect_failure(session.recv().await?)?;
+    assert_eq!(failure.reason, "cancelled");
+    assert!(!failure.retryable);
+    for _ in 0..50 {
+        if !is_alive(grandchild) {
+            shutdown.cancel();
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("grandchild {grandchild} survived the cancel")
+}
+
+#[cfg(target_os = "linux")]
+async fn wait_for_pid(path: &std::path::Path) -> anyhow::Result<u32> {
+    for _ in 0..250 {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(pid) = text.trim().parse()
+        {
+            return Ok(pid);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("{} never written", path.display())
+}
+
+/// Alive means present and not a zombie (a container's init may never reap
+/// the orphan).
+#[cfg(target_os = "linux")]
+fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
