@@ -37,13 +37,15 @@ impl Error {
         Self::InvalidArgument { field: field.into(), message: message.into() }
     }
 
-    /// Prefixes the field of an `InvalidArgument` with `prefix` (for nested
-    /// inputs such as `tasks[3]`); other variants are unchanged.
+    /// Prefixes the field named by a validation error with `prefix` (for
+    /// nested inputs such as `tasks[3]`). Validation's `ResourceExhausted`
+    /// messages start with their field, so they get the prefix too.
     pub fn in_field(self, prefix: &str) -> Self {
         match self {
             Self::InvalidArgument { field, message } => {
                 Self::InvalidArgument { field: format!("{prefix}.{field}"), message }
             }
+            Self::ResourceExhausted(message) => Self::ResourceExhausted(format!("{prefix}.{message}")),
             other => other,
         }
     }

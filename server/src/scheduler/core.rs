@@ -428,7 +428,7 @@ impl Core {
             Some(at) => self.arm(&mut live, self.clock.instant(at), Timer::Ready(id, at)),
             None => self.enqueue(&mut live, now),
         }
-        self.event(&mut live.task, EventKind::State, None, reason::SUBMITTED, String::new(), None, now);
+        self.event(&mut live.task, None, reason::SUBMITTED, String::new(), None, now);
         let task = live.task.clone();
         self.put(live);
         task
@@ -457,7 +457,7 @@ impl Core {
                 live.task.failure = Some(Failure::new(reason::CANCELLED, message.clone(), false));
                 self.arm(&mut live, now + self.config.cancel_grace, Timer::CancelGrace(id, attempt));
                 let state = live.task.state;
-                self.event(&mut live.task, EventKind::State, Some(state), reason::CANCEL_REQUESTED, message, None, now);
+                self.event(&mut live.task, Some(state), reason::CANCEL_REQUESTED, message, None, now);
                 let task = live.task.clone();
                 self.put(live);
                 self.send_cancel(id, attempt, reason::CANCELLED);
@@ -643,15 +643,7 @@ impl Core {
                     live.task.progress = Some(progress.clone());
                     let state = live.task.state;
                     let text = progress.message.clone();
-                    self.event(
-                        &mut live.task,
-                        EventKind::Progress,
-                        Some(state),
-                        reason::PROGRESS,
-                        text,
-                        Some(progress),
-                        now,
-                    );
+                    self.event(&mut live.task, Some(state), reason::PROGRESS, text, Some(progress), now);
                     self.put(live);
                 }
                 other => self.answer_stale(agent, id, attempt, other, None),
@@ -975,13 +967,14 @@ impl Core {
     fn transition(&mut self, live: &mut Live, state: TaskState, why: &str, message: String, now: Instant) {
         let previous = live.task.state;
         live.task.state = state;
-        self.event(&mut live.task, EventKind::State, Some(previous), why, message, None, now);
+        self.event(&mut live.task, Some(previous), why, message, None, now);
     }
 
+    /// Records an event: a progress event when `progress` is given, else a
+    /// state event.
     fn event(
         &mut self,
         task: &mut Task,
-        kind: EventKind,
         previous: Option<TaskState>,
         why: &str,
         message: String,
@@ -993,6 +986,7 @@ impl Core {
         self.next_sequence += 1;
         task.sequence = sequence;
         task.updated_at = at;
+        let kind = if progress.is_some() { EventKind::Progress } else { EventKind::State };
         let event = TaskEvent {
             sequence,
             task_id: task.id,

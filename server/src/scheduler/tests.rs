@@ -290,7 +290,7 @@ async fn heartbeats_keep_the_lease_and_silence_loses_it() {
     assert_eq!(h.task(id).state, TaskState::Running);
     assert!(agent.messages().iter().any(|m| matches!(m, ToAgent::Heartbeat)), "heartbeats are answered");
     h.advance(Duration::from_secs(11)).await;
-    assert!(matches!(agent.closed, None));
+    assert!(agent.closed.is_none());
     agent.messages();
     assert!(matches!(agent.closed, Some(Error::Unavailable(_))), "the silent session is closed");
     assert_eq!(h.task(id).attempts[0].failure.as_ref().map(|f| f.reason.as_str()), Some(reason::AGENT_LOST));

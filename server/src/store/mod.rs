@@ -33,6 +33,9 @@ pub enum StoreError {
 }
 
 /// One durable change. A batch of writes is applied atomically.
+// Writes are moved once into a batch and consumed by the writer; boxing the
+// large variant would add an allocation per task write for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Write {
     /// Insert or replace a task (and its index entries).
