@@ -1,1 +1,346 @@
-fn main() {}
+//! `muster`: the one binary users run. It serves the control plane
+//! (`serve`, `dev`) and operates it (`task …`, `agent …`).
+
+mod output;
+mod serve;
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use muster_sdk::proto;
+use muster_sdk::{Client, NewTask};
+
+use crate::output::Output;
+use crate::serve::ServeArgs;
+
+/// Muster: a control plane for fleets of agents.
+#[derive(Debug, Parser)]
+#[command(name = "muster", version, about)]
+struct Cli {
+    /// The server's gRPC endpoint.
+    #[arg(long, global = true, env = "MUSTER_SERVER", default_value = "http://127.0.0.1:7070")]
+    server: String,
+    /// How results are printed.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane.
+    Serve(ServeArgs),
+    /// Run the control plane with a local data directory and a shell agent.
+    Dev {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Slots of the built-in shell agent.
+        #[arg(long, default_value_t = 4)]
+        agent_slots: u32,
+    },
+    /// Submit, inspect, watch, cancel and retry tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Inspect and steer agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Run the shell agent (capability `shell`) against --server.
+    ShellAgent {
+        /// The agent's name.
+        #[arg(long, env = "MUSTER_AGENT_NAME", default_value = "shell")]
+        name: String,
+        /// Tasks it runs at once.
+        #[arg(long, env = "MUSTER_SLOTS", default_value_t = 4)]
+        slots: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Submit a task.
+    Submit(SubmitArgs),
+    /// Show one task.
+    Get { id: String },
+    /// List tasks, oldest first.
+    List {
+        /// Only tasks in this state (repeatable).
+        #[arg(long)]
+        state: Vec<String>,
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        capability: Option<String>,
+        /// Most tasks to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Follow task events (all tasks, or one).
+    Watch {
+        id: Option<String>,
+        /// Replay events after this sequence number first.
+        #[arg(long)]
+        after: Option<u64>,
+        /// Replay every retained event first.
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// Cancel a task.
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Run a FAILED or CANCELLED task again.
+    Retry { id: String },
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// The capability an agent must have, e.g. shell.
+    capability: String,
+    /// The payload: literal text, @FILE, or @- for standard input.
+    #[arg(long, default_value = "")]
+    payload: String,
+    /// The payload's media type (default: application/json when it parses
+    /// as JSON, else text/plain).
+    #[arg(long)]
+    content_type: Option<String>,
+    /// low, normal, high or critical.
+    #[arg(long, default_value = "normal")]
+    priority: String,
+    /// Agent label that must match, as key=value (repeatable).
+    #[arg(long)]
+    selector: Vec<String>,
+    /// Metadata as key=value (repeatable).
+    #[arg(long)]
+    metadata: Vec<String>,
+    #[arg(long)]
+    queue: Option<String>,
+    /// Execution timeout, e.g. 30s or 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Attempts in total, including the first.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Resubmitting with the same key returns the existing task.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Start no earlier than this long from now, e.g. 10s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
+    /// Wait for the task to finish; exit 0 only if it succeeded.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// List agents.
+    List {
+        #[arg(long)]
+        capability: Option<String>,
+    },
+    /// Show one agent.
+    Get { id: String },
+    /// Stop new assignments to an agent; its running work finishes.
+    Drain { id: String },
+    /// Undo drain.
+    Resume { id: String },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", output::describe(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let out = Output::new(cli.output == Format::Json);
+    match cli.command {
+        Command::Serve(args) => serve::serve(&args).await?,
+        Command::Dev { serve, agent_slots } => serve::dev(&serve, agent_slots).await?,
+        Command::Task(command) => return task(&cli.server, command, &out).await,
+        Command::Agent(command) => agent(&cli.server, command, &out).await?,
+        Command::ShellAgent { name, slots } => {
+            let config = muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots };
+            muster_shell_agent::build_agent(&config)?.run().await?;
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn connect(server: &str) -> anyhow::Result<Client> {
+    Client::connect(server).await.with_context(|| format!("cannot reach the muster server at {server}"))
+}
+
+fn key_value(field: &str, text: &str) -> anyhow::Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+        None => bail!("--{field} takes key=value, got '{text}'"),
+    }
+}
+
+fn read_payload(text: &str) -> anyhow::Result<Vec<u8>> {
+    match text.strip_prefix('@') {
+        Some("-") => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading the payload from stdin")?;
+            Ok(buf)
+        }
+        Some(path) => std::fs::read(path).with_context(|| format!("reading the payload from {path}")),
+        None => Ok(text.as_bytes().to_vec()),
+    }
+}
+
+async fn task(server: &str, command: TaskCommand, out: &Output) -> anyhow::Result<std::process::ExitCode> {
+    let client = connect(server).await?;
+    match command {
+        TaskCommand::Submit(args) => {
+            let payload = read_payload(&args.payload)?;
+            let content_type = args.content_type.clone().unwrap_or_else(|| {
+                if serde_json::from_slice::<serde_json::Value>(&payload).is_ok() {
+                    "application/json".into()
+                } else {
+                    "text/plain".into()
+                }
+            });
+            let priority = proto::Priority::parse(&args.priority).with_context(|| {
+                format!("--priority must be low, normal, high or critical, not '{}'", args.priority)
+            })?;
+            let mut spec =
+                NewTask::new(args.capability.clone()).payload(payload).content_type(content_type).priority(priority);
+            for s in &args.selector {
+                let (k, v) = key_value("selector", s)?;
+                spec = spec.selector(k, v);
+            }
+            for m in &args.metadata {
+                let (k, v) = key_value("metadata", m)?;
+                spec = spec.metadata(k, v);
+            }
+            if let Some(q) = &args.queue {
+                spec = spec.queue(q.clone());
+            }
+            if let Some(t) = args.timeout {
+                spec = spec.timeout(t);
+            }
+            if let Some(n) = args.max_attempts {
+                spec = spec.max_attempts(n);
+            }
+            if let Some(k) = &args.idempotency_key {
+                spec = spec.idempotency_key(k.clone());
+            }
+            if let Some(d) = args.delay {
+                spec = spec.not_before(SystemTime::now() + d);
+            }
+            let task = client.submit(spec.build()).await?;
+            if !args.wait {
+                out.task(&task);
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            let task = client.wait(&task.id).await?;
+            out.task(&task);
+            if task.state() == proto::TaskState::Succeeded {
+                Ok(std::process::ExitCode::SUCCESS)
+            } else {
+                Ok(std::process::ExitCode::FAILURE)
+            }
+        }
+        TaskCommand::Get { id } => {
+            out.task(&client.get(&id).await?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        TaskCommand::List { state, queue, capability, limit } => {
+            let states = state
+                .iter()
+                .map(|s| {
+                    proto::TaskState::parse(s).map(|s| s as i32).with_context(|| format!("'{s}' is not a task state"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut tasks = Vec::new();
+            let mut page_token = String::new();
+            while tasks.len() < limit {
+                let page = client
+                    .list(proto::ListTasksRequest {
+                        states: states.clone(),
+                        queue: queue.clone().unwrap_or_default(),
+                        capability: capability.clone().unwrap_or_default(),
+                        metadata: Default::default(),
+                        page_size: (limit - tasks.len()).min(1000) as u32,
+                        page_token: page_token.clone(),
+                    })
+                    .await?;
+                tasks.extend(page.tasks);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out.tasks(&tasks);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        TaskCommand::Watch { id, after, from_start } => {
+            let mut events = client
+                .watch(proto::WatchTasksRequest {
+                    task_id: id.unwrap_or_default(),
+                    after_sequence: after.unwrap_or(0),
+                    from_start,
+                    ..Default::default()
+                })
+                .await?;
+            out.event_header();
+            while let Some(event) = events.next().await {
+                out.event(&event?);
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        TaskCommand::Cancel { id, reason } => {
+            out.task(&client.cancel(&id, &reason).await?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        TaskCommand::Retry { id } => {
+            out.task(&client.retry(&id).await?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn agent(server: &str, command: AgentCommand, out: &Output) -> anyhow::Result<()> {
+    let client = connect(server).await?;
+    match command {
+        AgentCommand::List { capability } => {
+            out.agents(&client.list_agents(capability.as_deref().unwrap_or("")).await?)
+        }
+        AgentCommand::Get { id } => out.agent(&client.get_agent(&id).await?),
+        AgentCommand::Drain { id } => out.agent(&client.drain_agent(&id).await?),
+        AgentCommand::Resume { id } => out.agent(&client.resume_agent(&id).await?),
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The `muster` binary as a new user meets it: `muster dev` in one
+//! process, `muster task …` from another.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn muster(endpoint: &str, args: &[&str]) -> std::process::Output {
+    Command::new(muster_bin())
+        .args(["--server", endpoint])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run muster")
+}
+
+#[test]
+fn muster_dev_runs_a_shell_task_submitted_with_wait() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(muster_bin())
+        .args(["dev", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut dev = Process { child };
+    // Keep draining stdout so the child never writes into a closed pipe.
+    let (found, endpoint) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.trim().strip_prefix("gRPC") {
+                let _ = found.send(rest.trim().to_owned());
+            }
+        }
+    });
+    let endpoint = endpoint.recv_timeout(std::time::Duration::from_secs(30))?;
+
+    let out = muster(
+        &endpoint,
+        &["task", "submit", "shell", "--payload", r#"{"argv":["echo","hello"]}"#, "--wait", "--output", "json"],
+    );
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(task["state"], "SUCCEEDED");
+    assert_eq!(task["attempt"], 1);
+    assert!(task["output"]["stdout"].as_str().unwrap_or_default().contains("hello"), "{task}");
+
+    let out = muster(
+        &endpoint,
+        &[
+            "task",
+            "submit",
+            "shell",
+            "--payload",
+            r#"{"argv":["false"]}"#,
+            "--max-attempts",
+            "1",
+            "--wait",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(!out.status.success(), "a failed task makes --wait exit non-zero");
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(task["state"], "FAILED");
+
+    let out = muster(&endpoint, &["task", "list", "--state", "succeeded", "--output", "json"]);
+    assert!(out.status.success());
+    let tasks: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(tasks.as_array().map(Vec::len), Some(1));
+
+    let out = muster(&endpoint, &["agent", "list", "--output", "json"]);
+    let agents: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(agents[0]["name"], "dev-shell");
+
+    let out = muster(&endpoint, &["task", "get", "not-an-id"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("INVALID_ARGUMENT") && stderr.contains("id"), "{stderr}");
+
+    // SAFETY: kill(2) on the child we spawned.
+    unsafe { libc::kill(dev.pid(), libc::SIGTERM) };
+    let status = dev.child.wait()?;
+    assert!(status.success(), "muster dev stops cleanly on SIGTERM: {status:?}");
+    Ok(())
+}
