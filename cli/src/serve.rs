@@ -146,3 +146,57 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn load(args: &[&str]) -> anyhow::Result<ServerConfig> {
+        let cli = Cli::try_parse_from(std::iter::once("muster").chain(args.iter().copied()))?;
+        cli.serve.load("default-dir")
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("muster.toml");
+        std::fs::write(
+            &path,
+            "lease_ttl = \"20s\"\nheartbeat_interval = \"4s\"\ndurability = \"relaxed\"\n\n[limits]\nmax_payload_bytes = 10\n",
+        )?;
+        let path = path.display().to_string();
+        let config = load(&["--config", &path, "--lease-ttl", "30s"])?;
+        assert_eq!(config.lease_ttl, Duration::from_secs(30), "the flag wins");
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(4), "the file fills what flags leave");
+        assert_eq!(config.durability, Durability::Relaxed);
+        assert_eq!(config.limits.max_payload_bytes, 10);
+        assert_eq!(config.limits.max_tasks_per_submit, ServerConfig::default().limits.max_tasks_per_submit);
+        assert_eq!(config.listen, ServerConfig::default().listen);
+
+        let config = load(&[])?;
+        assert_eq!(config.data_dir, PathBuf::from("default-dir"));
+        assert_eq!(config.durability, Durability::Sync);
+        Ok(())
+    }
+
+    #[test]
+    fn inconsistent_or_unknown_settings_are_refused() -> anyhow::Result<()> {
+        let err = load(&["--lease-ttl", "1s", "--heartbeat-interval", "2s"]).err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("heartbeat_interval")));
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("muster.toml");
+        std::fs::write(&path, "lease_tll = \"20s\"\n")?;
+        let path = path.display().to_string();
+        assert!(load(&["--config", &path]).is_err(), "a misspelt setting is an error, not ignored");
+        assert!(load(&["--durability", "fast"]).is_err());
+        Ok(())
+    }
+}

@@ -301,3 +301,18 @@ async fn a_delayed_task_waits_for_not_before() -> TestResult {
     agent.await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn relaxed_durability_serves_the_same_lifecycle() -> TestResult {
+    let server = spawn_server_with(|c| c.durability = muster_server::Durability::Relaxed).await;
+    let client = server.client().await;
+    let (stop, agent) = spawn_agent(&server.endpoint, "fast", "fast", &[], 4, |_| async { Ok(Output::from("ok")) });
+    let specs = (0..50).map(|_| NewTask::new("fast").build()).collect();
+    let submitted = client.submit_many(specs).await?;
+    for task in &submitted.tasks {
+        assert_eq!(client.wait(&task.id).await?.state(), proto::TaskState::Succeeded);
+    }
+    stop.cancel();
+    agent.await??;
+    Ok(())
+}
