@@ -183,6 +183,10 @@ pub struct Limits {
     pub max_timeout: Duration,
     /// Most messages per second one agent session may send.
     pub max_agent_messages_per_second: u32,
+    /// Most dependencies one task declares.
+    pub max_dependencies_per_task: usize,
+    /// Most locks one task declares.
+    pub max_locks_per_task: usize,
     /// Longest free-text message (failure, progress, cancel reason); longer
     /// agent text is truncated, longer client text is rejected.
     pub max_message_len: usize,
@@ -207,6 +211,8 @@ impl Default for Limits {
             max_attempts: 100,
             max_timeout: Duration::from_secs(7 * 24 * 3600),
             max_agent_messages_per_second: 10_000,
+            max_dependencies_per_task: 1000,
+            max_locks_per_task: 16,
             max_message_len: 4096,
         }
     }

@@ -152,7 +152,7 @@ pub async fn start_with_store(
         shutdown: shutdown.clone(),
     };
     let agents = AgentHandler { core: core.clone(), config: config.clone(), shutdown: shutdown.clone() };
-    let fleet = FleetHandler { core };
+    let fleet = FleetHandler { core, config: config.clone() };
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(config.heartbeat_interval))

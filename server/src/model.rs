@@ -69,6 +69,11 @@ ulid_id!(
     AgentId,
     "agent id"
 );
+ulid_id!(
+    /// A workflow's id: the tasks of one graph submit share it.
+    WorkflowId,
+    "workflow id"
+);
 
 /// The lifecycle of a task; see DESIGN.md "The task".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -187,6 +192,127 @@ pub struct TaskSpec {
     pub not_before: Option<Millis>,
     /// W3C trace context of the submitter.
     pub trace_context: BTreeMap<String, String>,
+    /// The task's name within its workflow.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Tasks that must succeed first (resolved ids).
+    #[serde(default)]
+    pub depends_on: Vec<TaskId>,
+    /// Resources held while an attempt runs.
+    #[serde(default)]
+    pub locks: Vec<LockSpec>,
+    /// A cap on concurrently running tasks sharing a key.
+    #[serde(default)]
+    pub concurrency: Option<ConcurrencySpec>,
+}
+
+/// How a lock is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockMode {
+    /// Alone.
+    Exclusive,
+    /// With other shared holders, never with an exclusive one.
+    Shared,
+}
+
+/// A named lock a task holds while it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LockSpec {
+    /// The resource's name.
+    pub name: String,
+    /// Exclusive or shared.
+    pub mode: LockMode,
+}
+
+/// At most `max` tasks with this `key` run at once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConcurrencySpec {
+    /// Shared by the tasks it limits.
+    pub key: String,
+    /// At least 1.
+    pub max: u32,
+}
+
+/// One task of a submit, before its dependencies are resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Submission {
+    /// The validated spec; `depends_on` is filled in by the scheduler.
+    pub spec: TaskSpec,
+    /// Its dependencies as submitted: keys of tasks in the same request, or
+    /// ids of existing tasks.
+    pub depends_on: Vec<String>,
+}
+
+/// The output of a finished dependency, handed to its dependents.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentOutput {
+    /// The parent's key (its id when it has none).
+    pub key: String,
+    /// The parent's id.
+    pub task_id: TaskId,
+    /// What it produced.
+    pub output: Bytes,
+    /// The output's media type.
+    pub content_type: String,
+}
+
+/// A queue's persisted settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRecord {
+    /// Its name.
+    pub name: String,
+    /// No dispatch while set.
+    pub paused: bool,
+    /// Share of dispatch among queues with work.
+    pub weight: u32,
+    /// Most tasks of this queue running at once; 0 means no limit.
+    pub max_running: u32,
+}
+
+impl QueueRecord {
+    /// A queue with default settings.
+    pub fn new(name: &str) -> Self {
+        Self { name: name.to_owned(), paused: false, weight: 1, max_running: 0 }
+    }
+}
+
+/// A queue as operators see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueInfo {
+    /// Settings.
+    pub record: QueueRecord,
+    /// Unfinished tasks per state.
+    pub depth: BTreeMap<&'static str, u32>,
+    /// Attempts running now.
+    pub running: u32,
+    /// Age of the oldest queued task.
+    pub oldest_queued_age: Option<Duration>,
+}
+
+/// One reason a task is not running.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Reason {
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// For people.
+    pub message: String,
+    /// Tasks involved.
+    pub task_ids: Vec<TaskId>,
+    /// Until when.
+    pub until: Option<Millis>,
+    /// Agents involved.
+    pub agents: Vec<String>,
+}
+
+/// Why a task is where it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Explanation {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its state.
+    pub state: TaskState,
+    /// Every reason that applies.
+    pub reasons: Vec<Reason>,
 }
 
 /// Why an attempt or a task failed.
@@ -239,6 +365,10 @@ pub mod reason {
     pub const PROGRESS: &str = "progress";
     /// The server re-sent an assignment the agent had not received.
     pub const REASSIGNED: &str = "reassigned";
+    /// A dependency failed or was cancelled.
+    pub const UPSTREAM_FAILED: &str = "upstream_failed";
+    /// Every dependency succeeded.
+    pub const DEPENDENCIES_SUCCEEDED: &str = "dependencies_succeeded";
 }
 
 /// One execution of a task by one agent.
@@ -309,6 +439,9 @@ pub struct Task {
     pub cancel_requested: bool,
     /// Sequence number of this task's last event.
     pub sequence: u64,
+    /// The workflow it belongs to.
+    #[serde(default)]
+    pub workflow: Option<WorkflowId>,
 }
 
 impl Task {
@@ -358,6 +491,9 @@ pub struct TaskEvent {
     pub queue: String,
     /// The task's capability, for filtering.
     pub capability: String,
+    /// The task's workflow, for filtering.
+    #[serde(default)]
+    pub workflow: Option<WorkflowId>,
     /// Why it happened.
     pub reason: String,
     /// Detail for people.

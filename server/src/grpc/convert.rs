@@ -104,6 +104,13 @@ pub(crate) fn task_id(field: &str, value: &str) -> Result<TaskId, Error> {
     })
 }
 
+pub(crate) fn workflow_id(field: &str, value: &str) -> Result<WorkflowId, Error> {
+    value.parse::<WorkflowId>().map_err(|e| match e {
+        Error::InvalidArgument { message, .. } => Error::invalid(field, message),
+        other => other,
+    })
+}
+
 pub(crate) fn agent_id(field: &str, value: &str) -> Result<AgentId, Error> {
     value.parse::<AgentId>().map_err(|e| match e {
         Error::InvalidArgument { message, .. } => Error::invalid(field, message),
@@ -111,9 +118,61 @@ pub(crate) fn agent_id(field: &str, value: &str) -> Result<AgentId, Error> {
     })
 }
 
+/// Validates one submitted task, graph fields included.
+pub(crate) fn submission(mut spec: pb::TaskSpec, config: &ServerConfig) -> Result<Submission, Error> {
+    let limits = &config.limits;
+    let depends_on = std::mem::take(&mut spec.depends_on);
+    validate::within(
+        "depends_on",
+        "dependencies",
+        depends_on.len(),
+        limits.max_dependencies_per_task,
+        "max_dependencies_per_task",
+    )?;
+    for (i, dep) in depends_on.iter().enumerate() {
+        if dep.is_empty() {
+            return Err(Error::invalid(format!("depends_on[{i}]"), "must not be empty"));
+        }
+    }
+    Ok(Submission { spec: task_spec(spec, config)?, depends_on })
+}
+
+fn lock_mode(value: i32) -> Result<LockMode, Error> {
+    match pb::LockMode::try_from(value) {
+        Ok(pb::LockMode::Unspecified | pb::LockMode::Exclusive) => Ok(LockMode::Exclusive),
+        Ok(pb::LockMode::Shared) => Ok(LockMode::Shared),
+        Err(_) => Err(Error::invalid("locks.mode", format!("{value} is not a lock mode"))),
+    }
+}
+
 /// Validates a submitted spec and fills in the server's defaults.
 pub(crate) fn task_spec(spec: pb::TaskSpec, config: &ServerConfig) -> Result<TaskSpec, Error> {
     let limits = &config.limits;
+    let key = if spec.key.is_empty() {
+        None
+    } else {
+        validate::name("key", &spec.key, limits)?;
+        Some(spec.key)
+    };
+    validate::within("locks", "locks", spec.locks.len(), limits.max_locks_per_task, "max_locks_per_task")?;
+    let mut locks: Vec<LockSpec> = Vec::with_capacity(spec.locks.len());
+    for (i, lock) in spec.locks.into_iter().enumerate() {
+        validate::name(&format!("locks[{i}].name"), &lock.name, limits)?;
+        if locks.iter().any(|l| l.name == lock.name) {
+            return Err(Error::invalid(format!("locks[{i}].name"), format!("'{}' is named twice", lock.name)));
+        }
+        locks.push(LockSpec { name: lock.name, mode: lock_mode(lock.mode)? });
+    }
+    let concurrency = match spec.concurrency {
+        None => None,
+        Some(c) => {
+            validate::name("concurrency.key", &c.key, limits)?;
+            if c.max == 0 {
+                return Err(Error::invalid("concurrency.max", "must be at least 1"));
+            }
+            Some(ConcurrencySpec { key: c.key, max: c.max })
+        }
+    };
     validate::name("capability", &spec.capability, limits)?;
     let queue = if spec.queue.is_empty() { "default".to_owned() } else { spec.queue };
     validate::name("queue", &queue, limits)?;
@@ -194,6 +253,10 @@ pub(crate) fn task_spec(spec: pb::TaskSpec, config: &ServerConfig) -> Result<Tas
         idempotency_key,
         not_before: from_timestamp("not_before", spec.not_before)?,
         trace_context,
+        key,
+        depends_on: Vec::new(),
+        locks,
+        concurrency,
     })
 }
 
@@ -217,6 +280,20 @@ fn spec_to_pb(spec: &TaskSpec) -> pb::TaskSpec {
         idempotency_key: spec.idempotency_key.clone().unwrap_or_default(),
         not_before: opt_timestamp(spec.not_before),
         trace_context: unsorted(&spec.trace_context),
+        key: spec.key.clone().unwrap_or_default(),
+        depends_on: spec.depends_on.iter().map(ToString::to_string).collect(),
+        locks: spec
+            .locks
+            .iter()
+            .map(|l| pb::Lock {
+                name: l.name.clone(),
+                mode: match l.mode {
+                    LockMode::Exclusive => pb::LockMode::Exclusive,
+                    LockMode::Shared => pb::LockMode::Shared,
+                } as i32,
+            })
+            .collect(),
+        concurrency: spec.concurrency.as_ref().map(|c| pb::Concurrency { key: c.key.clone(), max: c.max }),
     }
 }
 
@@ -258,6 +335,8 @@ pub(crate) fn task_to_pb(task: &Task) -> pb::Task {
         deadline: opt_timestamp(task.deadline),
         cancel_requested: task.cancel_requested,
         sequence: task.sequence,
+        workflow_id: task.workflow.map(|w| w.to_string()).unwrap_or_default(),
+        depends_on_ids: task.spec.depends_on.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -279,6 +358,62 @@ pub(crate) fn event_to_pb(event: &TaskEvent) -> pb::TaskEvent {
         message: event.message.clone(),
         progress: event.progress.as_ref().map(progress_to_pb),
         at: Some(timestamp(event.at)),
+        workflow_id: event.workflow.map(|w| w.to_string()).unwrap_or_default(),
+    }
+}
+
+pub(crate) fn explanation_to_pb(e: &Explanation) -> pb::Explanation {
+    pb::Explanation {
+        task_id: e.task_id.to_string(),
+        state: state_to_pb(e.state) as i32,
+        reasons: e
+            .reasons
+            .iter()
+            .map(|r| pb::Reason {
+                code: r.code.to_owned(),
+                message: r.message.clone(),
+                task_ids: r.task_ids.iter().map(ToString::to_string).collect(),
+                until: opt_timestamp(r.until),
+                agents: r.agents.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub(crate) fn workflow_to_pb(id: WorkflowId, tasks: &[Task]) -> pb::Workflow {
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for task in tasks {
+        *counts.entry(task.state.name().to_owned()).or_default() += 1;
+    }
+    let finished = tasks.iter().filter(|t| t.state.is_terminal()).count();
+    pb::Workflow {
+        id: id.to_string(),
+        tasks: tasks
+            .iter()
+            .map(|t| pb::WorkflowTask {
+                id: t.id.to_string(),
+                key: t.spec.key.clone().unwrap_or_default(),
+                state: state_to_pb(t.state) as i32,
+                capability: t.spec.capability.clone(),
+                depends_on_ids: t.spec.depends_on.iter().map(ToString::to_string).collect(),
+                attempt: t.attempt,
+            })
+            .collect(),
+        counts,
+        percent_complete: if tasks.is_empty() { 0.0 } else { finished as f64 * 100.0 / tasks.len() as f64 },
+        done: finished == tasks.len(),
+    }
+}
+
+pub(crate) fn queue_to_pb(q: &QueueInfo) -> pb::Queue {
+    pb::Queue {
+        name: q.record.name.clone(),
+        paused: q.record.paused,
+        weight: q.record.weight,
+        max_running: q.record.max_running,
+        depth: q.depth.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+        running: q.running,
+        oldest_queued_age_seconds: q.oldest_queued_age.map_or(0.0, |d| d.as_secs_f64()),
     }
 }
 
@@ -430,7 +565,16 @@ pub(crate) fn server_message(message: ToAgent) -> Result<pb::ServerMessage, toni
                 dropped_attempts: dropped.into_iter().map(to_ref).collect(),
             })
         }
-        ToAgent::Assign(task) => Msg::Assign(pb::Assignment {
+        ToAgent::Assign(task, parents) => Msg::Assign(pb::Assignment {
+            parent_outputs: parents
+                .into_iter()
+                .map(|p| pb::ParentOutput {
+                    key: p.key,
+                    task_id: p.task_id.to_string(),
+                    output: p.output.to_vec(),
+                    content_type: p.content_type,
+                })
+                .collect(),
             attempt: Some(to_ref((task.id, task.attempt))),
             capability: task.spec.capability.clone(),
             payload: task.spec.payload.to_vec(),

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::config::ServerConfig;
 use crate::error::Error;
-use crate::model::{EventKind, TaskEvent, TaskFilter, TaskId, TaskState};
+use crate::model::{EventKind, TaskEvent, TaskFilter, TaskId, TaskState, WorkflowId};
 use crate::scheduler::{Command, CoreHandle};
 use crate::store::Store;
 use crate::validate;
@@ -38,6 +38,7 @@ pub(crate) struct TaskHandler {
 #[derive(Debug, Clone)]
 struct WatchFilter {
     task: Option<TaskId>,
+    workflow: Option<WorkflowId>,
     queue: Option<String>,
     capability: Option<String>,
     states: Vec<TaskState>,
@@ -46,6 +47,7 @@ struct WatchFilter {
 impl WatchFilter {
     fn matches(&self, event: &TaskEvent) -> bool {
         self.task.is_none_or(|t| t == event.task_id)
+            && self.workflow.is_none_or(|w| Some(w) == event.workflow)
             && self.queue.as_ref().is_none_or(|q| *q == event.queue)
             && self.capability.as_ref().is_none_or(|c| *c == event.capability)
             && (self.states.is_empty() || event.kind == EventKind::Progress || self.states.contains(&event.state))
@@ -59,6 +61,28 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send
         .map_err(Status::from)
 }
 
+impl TaskHandler {
+    /// A workflow as the store holds it: only acknowledged state.
+    async fn read_workflow(&self, id: WorkflowId) -> Result<pb::Workflow, Status> {
+        let store = self.store.clone();
+        let tasks = blocking(move || {
+            let ids = store.workflow_tasks(id)?;
+            let mut tasks = Vec::with_capacity(ids.len());
+            for task in ids {
+                if let Some(task) = store.task(task)? {
+                    tasks.push(task);
+                }
+            }
+            Ok::<_, Error>(tasks)
+        })
+        .await?;
+        if tasks.is_empty() {
+            return Err(Error::NotFound(format!("workflow {id} not found")).into());
+        }
+        Ok(convert::workflow_to_pb(id, &tasks))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::task_service_server::TaskService for TaskHandler {
     async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
@@ -68,16 +92,17 @@ impl pb::task_service_server::TaskService for TaskHandler {
             return Err(Error::invalid("tasks", "at least one task is required").into());
         }
         validate::within("tasks", "tasks", request.tasks.len(), limits.max_tasks_per_submit, "max_tasks_per_submit")?;
-        let specs = request
+        let submissions = request
             .tasks
             .into_iter()
             .enumerate()
-            .map(|(i, spec)| convert::task_spec(spec, &self.config).map_err(|e| e.in_field(&format!("tasks[{i}]"))))
+            .map(|(i, spec)| convert::submission(spec, &self.config).map_err(|e| e.in_field(&format!("tasks[{i}]"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let created = self.core.call(|reply| Command::Submit { specs, reply }).await?;
+        let outcome = self.core.call(|reply| Command::Submit { submissions, reply }).await?;
         Ok(Response::new(pb::SubmitResponse {
-            existing: created.iter().map(|(_, existing)| *existing).collect(),
-            tasks: created.iter().map(|(task, _)| convert::task_to_pb(task)).collect(),
+            existing: outcome.tasks.iter().map(|(_, existing)| *existing).collect(),
+            tasks: outcome.tasks.iter().map(|(task, _)| convert::task_to_pb(task)).collect(),
+            workflow_id: outcome.workflow.map(|w| w.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -163,6 +188,28 @@ impl pb::task_service_server::TaskService for TaskHandler {
         Ok(Response::new(convert::task_to_pb(&task)))
     }
 
+    async fn explain_task(&self, request: Request<pb::ExplainTaskRequest>) -> Result<Response<pb::Explanation>, Status> {
+        let id = convert::task_id("id", &request.into_inner().id)?;
+        let explanation = self.core.call(|reply| Command::Explain { id, reply }).await?;
+        Ok(Response::new(convert::explanation_to_pb(&explanation)))
+    }
+
+    async fn get_workflow(&self, request: Request<pb::GetWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
+        let id = convert::workflow_id("id", &request.into_inner().id)?;
+        Ok(Response::new(self.read_workflow(id).await?))
+    }
+
+    async fn cancel_workflow(
+        &self,
+        request: Request<pb::CancelWorkflowRequest>,
+    ) -> Result<Response<pb::Workflow>, Status> {
+        let request = request.into_inner();
+        let id = convert::workflow_id("id", &request.id)?;
+        validate::text("reason", &request.reason, &self.config.limits)?;
+        self.core.call(|reply| Command::CancelWorkflow { id, reason: request.reason, reply }).await?;
+        Ok(Response::new(self.read_workflow(id).await?))
+    }
+
     type WatchTasksStream = ReceiverStream<Result<pb::TaskEvent, Status>>;
 
     async fn watch_tasks(
@@ -174,6 +221,11 @@ impl pb::task_service_server::TaskService for TaskHandler {
             task: if request.task_id.is_empty() { None } else { Some(convert::task_id("task_id", &request.task_id)?) },
             queue: Some(request.queue).filter(|q| !q.is_empty()),
             capability: Some(request.capability).filter(|c| !c.is_empty()),
+            workflow: if request.workflow_id.is_empty() {
+                None
+            } else {
+                Some(convert::workflow_id("workflow_id", &request.workflow_id)?)
+            },
             states: request
                 .states
                 .iter()

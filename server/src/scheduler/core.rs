@@ -4,7 +4,7 @@
 //! Only unfinished tasks live in memory; a task that reaches a terminal
 //! state is written and dropped. Reads of finished tasks go to the store.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +12,10 @@ use rand::Rng;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use ulid::Ulid;
+
+mod explain;
+mod resources;
+mod workflow;
 
 use super::ready::{Entry, ReadyQueues};
 use super::timers::{Timer, TimerKey, Timers};
@@ -51,6 +55,28 @@ struct Live {
     /// The ready-queue token while queued.
     token: Option<u64>,
     timers: Vec<TimerKey>,
+    /// Dependencies that have not succeeded yet.
+    waiting: usize,
+    /// Unfinished tasks that depend on this one.
+    dependents: Vec<TaskId>,
+    /// Outputs of the dependencies that succeeded, for the assignment.
+    parents: Vec<ParentOutput>,
+    /// The resource a queued task waits for, out of the ready queues.
+    parked: Option<resources::Resource>,
+}
+
+impl Live {
+    fn new(task: Task) -> Self {
+        Self {
+            task,
+            token: None,
+            timers: Vec::new(),
+            waiting: 0,
+            dependents: Vec::new(),
+            parents: Vec::new(),
+            parked: None,
+        }
+    }
 }
 
 /// A connected or resumable agent session.
@@ -112,6 +138,12 @@ pub(crate) struct Core {
     ids: ulid::Generator,
     dispatch_pending: bool,
     out: Outbox,
+    queues: HashMap<String, resources::QueueState>,
+    locks: HashMap<String, resources::LockHolders>,
+    running_by_key: HashMap<String, u32>,
+    parked: HashMap<resources::Resource, Vec<TaskId>>,
+    /// Tasks that just ended and have dependents to settle.
+    finished: VecDeque<workflow::Finished>,
 }
 
 impl std::fmt::Debug for Core {
@@ -148,7 +180,15 @@ impl Core {
             ids: ulid::Generator::new(),
             dispatch_pending: true,
             out: Outbox::default(),
+            queues: HashMap::new(),
+            locks: HashMap::new(),
+            running_by_key: HashMap::new(),
+            parked: HashMap::new(),
+            finished: VecDeque::new(),
         };
+        for record in core.store.queues()? {
+            core.queues.insert(record.name.clone(), resources::QueueState::new(record));
+        }
         let ttl = core.config.lease_ttl;
         for record in core.store.agents()? {
             core.tokens.insert(record.resume_token.clone(), record.id);
@@ -169,10 +209,18 @@ impl Core {
         let mut orphans = Vec::new();
         let unfinished = core.store.unfinished_tasks()?;
         let count = unfinished.len();
-        for task in unfinished {
-            let mut live = Live { task, token: None, timers: Vec::new() };
-            let id = live.task.id;
+        let mut upstream_failed = Vec::new();
+        core.tasks = unfinished.into_iter().map(|t| (t.id, Live::new(t))).collect();
+        let ids: Vec<TaskId> = core.tasks.keys().copied().collect();
+        for id in &ids {
+            if let Some(failed) = core.link_dependencies(*id)? {
+                upstream_failed.push((*id, failed));
+            }
+        }
+        for id in ids {
+            let Some(mut live) = core.tasks.remove(&id) else { continue };
             match live.task.state {
+                TaskState::Pending if live.waiting > 0 => {}
                 TaskState::Pending => {
                     let at = live.task.ready_at.unwrap_or(0);
                     core.arm(&mut live, core.clock.instant(at), Timer::Ready(id, at));
@@ -180,6 +228,7 @@ impl Core {
                 TaskState::Queued => core.enqueue(&mut live, now),
                 TaskState::Assigned | TaskState::Running => {
                     let attempt = live.task.attempt;
+                    core.acquire(&live.task);
                     match live.task.live_agent().and_then(|a| core.agents.get_mut(&a)) {
                         Some(session) => {
                             session.held.insert((id, attempt));
@@ -201,6 +250,10 @@ impl Core {
                 Failure::new(reason::AGENT_LOST, "the agent holding this attempt is unknown after a restart", true);
             core.fail_attempt(id, attempt, failure, now);
         }
+        for (id, parent) in upstream_failed {
+            core.cancel_upstream_failed(id, parent, now);
+        }
+        core.settle_finished(now);
         info!(tasks = count, agents = core.agents.len(), sequence = core.next_sequence - 1, "scheduler recovered");
         Ok(core)
     }
@@ -215,8 +268,24 @@ impl Core {
 
     pub(crate) fn handle(&mut self, command: Command, now: Instant) {
         match command {
-            Command::Submit { specs, reply } => {
-                let result = self.submit(specs, now);
+            Command::Submit { submissions, reply } => {
+                let result = self.submit(submissions, now);
+                self.reply(reply, result);
+            }
+            Command::CancelWorkflow { id, reason, reply } => {
+                let result = self.cancel_workflow(id, reason, now);
+                self.reply(reply, result);
+            }
+            Command::Explain { id, reply } => {
+                let result = self.explain(id, now);
+                self.reply(reply, result);
+            }
+            Command::ListQueues { reply } => {
+                let queues = self.list_queues(now);
+                self.reply(reply, Ok(queues));
+            }
+            Command::SetQueue { name, change, reply } => {
+                let result = self.set_queue(&name, change, now);
                 self.reply(reply, result);
             }
             Command::Cancel { id, reason, reply } => {
@@ -252,6 +321,7 @@ impl Core {
                 self.reply(reply, result);
             }
         }
+        self.settle_finished(now);
     }
 
     /// Acts on every timer that is due.
@@ -312,9 +382,13 @@ impl Core {
         }
     }
 
-    /// Offers ready tasks to agents with free slots: the best head (priority,
-    /// then age) first, to the least recently used matching agent.
+    /// Offers ready tasks to agents with free slots. Queues with work take
+    /// turns by weight (smooth weighted round robin); within a queue the best
+    /// head (priority, then age) goes first, to the least recently used
+    /// matching agent. A task whose locks or concurrency key are taken is
+    /// parked until they are released.
     pub(crate) fn dispatch(&mut self, now: Instant) {
+        self.settle_finished(now);
         if !self.dispatch_pending {
             return;
         }
@@ -322,8 +396,19 @@ impl Core {
         let mut blocked = BTreeSet::new();
         loop {
             let tasks = &self.tasks;
+            let queues = &self.queues;
             let is_live = |entry: Entry| tasks.get(&entry.task).is_some_and(|l| l.token == Some(entry.token));
-            let Some((shape, priority, entry)) = self.ready.best(&blocked, is_live) else { break };
+            let skip = |id: usize, shape: &super::ready::Shape| {
+                blocked.contains(&id) || queues.get(&shape.queue).is_some_and(|q| !q.can_dispatch())
+            };
+            let candidates = self.ready.best_per_queue(skip, is_live);
+            let Some(queue) = self.pick_queue(&candidates) else { break };
+            let Some(&(shape, priority, entry)) = candidates.get(&queue) else { break };
+            if let Some(resource) = self.tasks.get(&entry.task).and_then(|l| self.unavailable(&l.task)) {
+                self.ready.pop(shape, priority);
+                self.park(entry.task, resource);
+                continue;
+            }
             match self.find_agent(shape) {
                 Some(agent) => {
                     self.ready.pop(shape, priority);
@@ -346,94 +431,6 @@ impl Core {
 
     // ---- submit, cancel, retry ----
 
-    fn submit(&mut self, specs: Vec<TaskSpec>, now: Instant) -> Result<Vec<(Task, bool)>, Error> {
-        // Resolve everything that can fail before changing anything, so a
-        // submit is all or nothing.
-        let mut existing: HashMap<TaskId, Task> = HashMap::new();
-        let mut new_keys = HashSet::new();
-        let mut fresh = 0usize;
-        for spec in &specs {
-            match &spec.idempotency_key {
-                Some(key) => match self.idempotency.get(key) {
-                    Some(&id) => {
-                        if let std::collections::hash_map::Entry::Vacant(slot) = existing.entry(id) {
-                            let task = self.lookup(id)?.ok_or_else(|| {
-                                Error::Unavailable(format!(
-                                    "task {id} for idempotency key '{key}' is being written; retry"
-                                ))
-                            })?;
-                            slot.insert(task);
-                        }
-                    }
-                    None => {
-                        if new_keys.insert(key.clone()) {
-                            fresh += 1;
-                        }
-                    }
-                },
-                None => fresh += 1,
-            }
-        }
-        let limit = self.config.limits.max_unfinished_tasks;
-        if self.tasks.len() + fresh > limit {
-            return Err(Error::ResourceExhausted(format!(
-                "the server holds {} unfinished tasks and {fresh} more would exceed max_unfinished_tasks ({limit})",
-                self.tasks.len()
-            )));
-        }
-        let mut out = Vec::with_capacity(specs.len());
-        for spec in specs {
-            if let Some(id) = spec.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
-                let task = existing
-                    .get(id)
-                    .cloned()
-                    .or_else(|| self.tasks.get(id).map(|l| l.task.clone()))
-                    .ok_or_else(|| Error::Unavailable(format!("task {id} is being written; retry")))?;
-                out.push((task, true));
-                continue;
-            }
-            let task = self.create(spec, now);
-            out.push((task, false));
-        }
-        Ok(out)
-    }
-
-    fn create(&mut self, spec: TaskSpec, now: Instant) -> Task {
-        let now_ms = self.clock.ms(now);
-        let id = TaskId(self.ids.generate().unwrap_or_else(|_| Ulid::new()));
-        if let Some(key) = &spec.idempotency_key {
-            self.idempotency.insert(key.clone(), id);
-        }
-        let ready_at = spec.not_before.filter(|&t| t > now_ms);
-        let task = Task {
-            id,
-            spec,
-            state: if ready_at.is_some() { TaskState::Pending } else { TaskState::Queued },
-            attempt: 0,
-            attempt_base: 0,
-            attempts: Vec::new(),
-            output: bytes::Bytes::new(),
-            output_content_type: String::new(),
-            failure: None,
-            progress: None,
-            created_at: now_ms,
-            updated_at: now_ms,
-            ready_at,
-            deadline: None,
-            cancel_requested: false,
-            sequence: 0,
-        };
-        let mut live = Live { task, token: None, timers: Vec::new() };
-        match ready_at {
-            Some(at) => self.arm(&mut live, self.clock.instant(at), Timer::Ready(id, at)),
-            None => self.enqueue(&mut live, now),
-        }
-        self.event(&mut live.task, None, reason::SUBMITTED, String::new(), None, now);
-        let task = live.task.clone();
-        self.put(live);
-        task
-    }
-
     fn cancel(&mut self, id: TaskId, why: String, now: Instant) -> Result<Task, Error> {
         let message = if why.is_empty() { "cancelled by request".to_owned() } else { why };
         let Some(mut live) = self.tasks.remove(&id) else {
@@ -447,6 +444,7 @@ impl Core {
             TaskState::Pending | TaskState::Queued => {
                 self.clear_timers(&mut live);
                 live.token = None;
+                live.parked = None;
                 live.task.ready_at = None;
                 live.task.failure = Some(Failure::new(reason::CANCELLED, message.clone(), false));
                 self.transition(&mut live, TaskState::Cancelled, reason::CANCELLED, message, now);
@@ -494,7 +492,7 @@ impl Core {
             return Err(Error::ResourceExhausted(format!("the server holds max_unfinished_tasks ({limit}) tasks")));
         }
         self.forget_recent(id);
-        let mut live = Live { task, token: None, timers: Vec::new() };
+        let mut live = Live::new(task);
         live.task.attempt_base = live.task.attempt;
         live.task.cancel_requested = false;
         live.task.failure = None;
@@ -595,7 +593,8 @@ impl Core {
             match self.tasks.get(&id).map(|l| (l.task.state, l.task.clone())) {
                 Some((TaskState::Assigned, task)) => {
                     debug!(task = %id, attempt, "re-sending an assignment the agent did not receive");
-                    self.send(agent_id, ToAgent::Assign(Box::new(task)));
+                    let parents = self.tasks.get(&id).map(|l| l.parents.clone()).unwrap_or_default();
+                    self.send(agent_id, ToAgent::Assign(Box::new(task), parents));
                 }
                 _ => {
                     let failure = Failure::new(reason::AGENT_LOST, "the agent resumed without this attempt", true);
@@ -863,9 +862,10 @@ impl Core {
         session.held.insert((id, attempt));
         let name = session.record.name.clone();
         let timeout = live.task.spec.timeout;
+        self.acquire(&live.task);
         self.arm(&mut live, now + timeout, Timer::Deadline(id, attempt));
         self.transition(&mut live, TaskState::Assigned, reason::ASSIGNED, name, now);
-        self.send(agent, ToAgent::Assign(Box::new(live.task.clone())));
+        self.send(agent, ToAgent::Assign(Box::new(live.task.clone()), live.parents.clone()));
         self.put(live);
         self.refresh_idle(agent);
     }
@@ -884,6 +884,7 @@ impl Core {
         }
         live.task.deadline = None;
         self.clear_timers(live);
+        self.release(&live.task, now);
         if let Some(agent) = holder
             && let Some(session) = self.agents.get_mut(&agent)
         {
@@ -997,6 +998,7 @@ impl Core {
             agent_id: task.attempts.last().filter(|a| a.number == task.attempt).map(|a| a.agent_id),
             queue: task.spec.queue.clone(),
             capability: task.spec.capability.clone(),
+            workflow: task.workflow,
             reason: why.to_owned(),
             message,
             progress,
@@ -1011,6 +1013,9 @@ impl Core {
         self.save(&live.task);
         if live.task.state.is_terminal() {
             self.remember(&live.task);
+            if !live.dependents.is_empty() {
+                self.finished.push_back(workflow::Finished::of(&live.task, live.dependents));
+            }
         } else {
             self.tasks.insert(live.task.id, live);
         }

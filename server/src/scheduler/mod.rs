@@ -19,7 +19,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
-use crate::model::{AgentId, AgentInfo, AgentReport, Registration, Task, TaskEvent, TaskId, TaskSpec};
+use crate::model::{
+    AgentId, AgentInfo, AgentReport, Explanation, ParentOutput, QueueInfo, Registration, Submission, Task, TaskEvent,
+    TaskId, WorkflowId,
+};
 use crate::store::Write;
 
 /// Where a command's answer goes.
@@ -31,7 +34,11 @@ pub(crate) type AgentTx = mpsc::UnboundedSender<ToAgent>;
 /// Requests to the scheduler.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Submit { specs: Vec<TaskSpec>, reply: Reply<Vec<(Task, bool)>> },
+    Submit { submissions: Vec<Submission>, reply: Reply<SubmitOutcome> },
+    CancelWorkflow { id: WorkflowId, reason: String, reply: Reply<Vec<TaskId>> },
+    Explain { id: TaskId, reply: Reply<Explanation> },
+    ListQueues { reply: Reply<Vec<QueueInfo>> },
+    SetQueue { name: String, change: QueueChange, reply: Reply<QueueInfo> },
     Cancel { id: TaskId, reason: String, reply: Reply<Task> },
     Retry { id: TaskId, reply: Reply<Task> },
     Register { registration: Registration, tx: AgentTx, reply: Reply<(AgentId, u64)> },
@@ -40,6 +47,23 @@ pub(crate) enum Command {
     ListAgents { capability: Option<String>, reply: Reply<Vec<AgentInfo>> },
     GetAgent { id: AgentId, reply: Reply<AgentInfo> },
     SetDraining { id: AgentId, draining: bool, reply: Reply<AgentInfo> },
+}
+
+/// What a submit created.
+#[derive(Debug)]
+pub(crate) struct SubmitOutcome {
+    /// The tasks in request order, each with `true` when it already existed.
+    pub(crate) tasks: Vec<(Task, bool)>,
+    /// The workflow, when the request formed one.
+    pub(crate) workflow: Option<WorkflowId>,
+}
+
+/// A change to a queue's settings; `None` keeps the current value.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct QueueChange {
+    pub(crate) paused: Option<bool>,
+    pub(crate) weight: Option<u32>,
+    pub(crate) max_running: Option<u32>,
 }
 
 /// Messages from the scheduler to one agent session.
@@ -53,7 +77,7 @@ pub(crate) enum ToAgent {
         lease_ttl: Duration,
         dropped: Vec<(TaskId, u32)>,
     },
-    Assign(Box<Task>),
+    Assign(Box<Task>, Vec<ParentOutput>),
     Cancel {
         task_id: TaskId,
         attempt: u32,

@@ -1,6 +1,6 @@
 //! Ready tasks, indexed so dispatch never scans all tasks: one "shape" per
-//! (capability, selector), each with a FIFO per priority. Dispatch compares
-//! only the heads of the shapes that hold work.
+//! (queue, capability, selector), each with a FIFO per priority. Dispatch
+//! compares only the heads of the shapes that hold work.
 //!
 //! Removal is lazy: an entry whose enqueue token no longer matches its task
 //! is skipped when it reaches the head.
@@ -18,6 +18,7 @@ pub(crate) struct Entry {
 
 #[derive(Debug)]
 pub(crate) struct Shape {
+    pub(crate) queue: String,
     pub(crate) capability: String,
     pub(crate) selector: BTreeMap<String, String>,
     /// Indexed by `Priority as usize`.
@@ -47,7 +48,7 @@ impl Shape {
 #[derive(Debug, Default)]
 pub(crate) struct ReadyQueues {
     shapes: Vec<Shape>,
-    index: HashMap<(String, BTreeMap<String, String>), usize>,
+    index: HashMap<(String, String, BTreeMap<String, String>), usize>,
     /// Shapes that may hold entries.
     nonempty: BTreeSet<usize>,
     next_token: u64,
@@ -56,10 +57,11 @@ pub(crate) struct ReadyQueues {
 impl ReadyQueues {
     /// Enqueues `task` at the back of its level; returns the token.
     pub(crate) fn push(&mut self, spec: &TaskSpec, task: TaskId) -> u64 {
-        let key = (spec.capability.clone(), spec.selector.clone());
+        let key = (spec.queue.clone(), spec.capability.clone(), spec.selector.clone());
         let shapes = &mut self.shapes;
         let id = *self.index.entry(key).or_insert_with(|| {
             shapes.push(Shape {
+                queue: spec.queue.clone(),
                 capability: spec.capability.clone(),
                 selector: spec.selector.clone(),
                 levels: Default::default(),
@@ -72,24 +74,28 @@ impl ReadyQueues {
         self.next_token
     }
 
-    /// The best head across shapes not in `blocked`: (shape, priority, entry).
-    pub(crate) fn best(
+    /// For each queue, the best head across its shapes that `skip` does not
+    /// exclude: (shape, priority, entry).
+    pub(crate) fn best_per_queue(
         &mut self,
-        blocked: &BTreeSet<usize>,
+        skip: impl Fn(usize, &Shape) -> bool,
         is_live: impl Fn(Entry) -> bool,
-    ) -> Option<(usize, Priority, Entry)> {
-        let mut best: Option<(usize, Priority, Entry)> = None;
+    ) -> HashMap<String, (usize, Priority, Entry)> {
+        let mut best: HashMap<String, (usize, Priority, Entry)> = HashMap::new();
         let mut emptied = Vec::new();
         for &id in &self.nonempty {
-            if blocked.contains(&id) {
+            let shape = &mut self.shapes[id];
+            if skip(id, shape) {
                 continue;
             }
-            match self.shapes[id].head(&is_live) {
+            match shape.head(&is_live) {
                 None => emptied.push(id),
                 Some((priority, entry)) => {
-                    let better = best.is_none_or(|(_, p, e)| priority > p || (priority == p && entry.token < e.token));
+                    let current = best.get(&shape.queue);
+                    let better =
+                        current.is_none_or(|&(_, p, e)| priority > p || (priority == p && entry.token < e.token));
                     if better {
-                        best = Some((id, priority, entry));
+                        best.insert(shape.queue.clone(), (id, priority, entry));
                     }
                 }
             }

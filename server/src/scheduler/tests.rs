@@ -49,7 +49,7 @@ impl TestAgent {
         self.messages()
             .into_iter()
             .filter_map(|m| match m {
-                ToAgent::Assign(t) => Some((t.id, t.attempt)),
+                ToAgent::Assign(t, _) => Some((t.id, t.attempt)),
                 _ => None,
             })
             .collect()
@@ -85,6 +85,10 @@ fn make_spec(capability: &str) -> TaskSpec {
         idempotency_key: None,
         not_before: None,
         trace_context: BTreeMap::new(),
+        key: None,
+        depends_on: Vec::new(),
+        locks: Vec::new(),
+        concurrency: None,
     }
 }
 
@@ -130,8 +134,14 @@ impl Harness {
     }
 
     fn submit(&mut self, spec: TaskSpec) -> Task {
-        let mut created = self.call(|reply| Command::Submit { specs: vec![spec], reply }).expect("submit");
-        created.remove(0).0
+        let submissions = vec![Submission { spec, depends_on: Vec::new() }];
+        let mut created = self.call(|reply| Command::Submit { submissions, reply }).expect("submit");
+        created.tasks.remove(0).0
+    }
+
+    fn submit_many(&mut self, specs: Vec<TaskSpec>) -> Result<Vec<(Task, bool)>, Error> {
+        let submissions = specs.into_iter().map(|spec| Submission { spec, depends_on: Vec::new() }).collect();
+        self.call(|reply| Command::Submit { submissions, reply }).map(|o| o.tasks)
     }
 
     fn connect(&mut self, name: &str, capabilities: &[&str], labels: &[(&str, &str)], slots: u32) -> TestAgent {
@@ -470,11 +480,10 @@ async fn an_idempotency_key_returns_the_existing_task() {
     let mut h = Harness::new(make_config());
     let mut spec = make_spec("shell");
     spec.idempotency_key = Some("order-42".into());
-    let specs = vec![spec.clone(), spec.clone()];
-    let created = h.call(|reply| Command::Submit { specs, reply }).expect("submit");
+    let created = h.submit_many(vec![spec.clone(), spec.clone()]).expect("submit");
     assert_eq!(created[0].0.id, created[1].0.id);
     assert_eq!((created[0].1, created[1].1), (false, true));
-    let again = h.call(|reply| Command::Submit { specs: vec![spec], reply }).expect("submit");
+    let again = h.submit_many(vec![spec]).expect("submit");
     assert_eq!(again[0].0.id, created[0].0.id);
     assert!(again[0].1);
     assert_eq!(h.core.unfinished(), 1);
@@ -560,8 +569,7 @@ async fn too_many_unfinished_tasks_are_refused_whole() {
     config.limits.max_unfinished_tasks = 2;
     let mut h = Harness::new(config);
     h.submit(make_spec("shell"));
-    let specs = vec![make_spec("shell"), make_spec("shell")];
-    let result = h.call(|reply| Command::Submit { specs, reply });
+    let result = h.submit_many(vec![make_spec("shell"), make_spec("shell")]);
     assert!(matches!(result, Err(Error::ResourceExhausted(ref m)) if m.contains("max_unfinished_tasks")));
     assert_eq!(h.core.unfinished(), 1, "nothing was half-written");
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{Store, StoreError, Write};
-use crate::model::{AgentId, AgentRecord, Task, TaskEvent, TaskId};
+use crate::model::{AgentId, AgentRecord, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
 
 /// A [`Store`] that lives and dies with the process.
 #[derive(Debug, Default)]
@@ -20,6 +20,8 @@ struct Inner {
     events: BTreeMap<u64, TaskEvent>,
     agents: BTreeMap<AgentId, AgentRecord>,
     keys: BTreeMap<String, TaskId>,
+    queues: BTreeMap<String, QueueRecord>,
+    workflows: BTreeMap<(WorkflowId, TaskId), ()>,
 }
 
 impl MemoryStore {
@@ -49,6 +51,9 @@ impl Store for MemoryStore {
                     if let Some(k) = &task.spec.idempotency_key {
                         inner.keys.insert(k.clone(), task.id);
                     }
+                    if let Some(workflow) = task.workflow {
+                        inner.workflows.insert((workflow, task.id), ());
+                    }
                     inner.tasks.insert(task.id, task.clone());
                 }
                 Write::Event(event) => {
@@ -59,6 +64,9 @@ impl Store for MemoryStore {
                 }
                 Write::RemoveAgent(id) => {
                     inner.agents.remove(id);
+                }
+                Write::Queue(queue) => {
+                    inner.queues.insert(queue.name.clone(), queue.clone());
                 }
             }
         }
@@ -106,6 +114,15 @@ impl Store for MemoryStore {
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         Ok(self.lock().agents.values().cloned().collect())
+    }
+
+    fn queues(&self) -> Result<Vec<QueueRecord>, StoreError> {
+        Ok(self.lock().queues.values().cloned().collect())
+    }
+
+    fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.workflows.keys().filter(|(w, _)| *w == workflow).map(|(_, t)| *t).collect())
     }
 
     fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError> {

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
-use crate::model::{AgentId, AgentRecord, Task, TaskEvent, TaskId};
+use crate::model::{AgentId, AgentRecord, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
 
 /// A failure of the storage engine or of a stored record.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,8 @@ pub enum Write {
     Agent(AgentRecord),
     /// Forget an agent registration.
     RemoveAgent(AgentId),
+    /// Insert or replace a queue's settings.
+    Queue(QueueRecord),
 }
 
 /// The storage seam: everything durable goes through it.
@@ -69,6 +71,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Every idempotency key with its task.
     fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError>;
+    /// Every queue with settings.
+    fn queues(&self) -> Result<Vec<QueueRecord>, StoreError>;
+    /// The ids of a workflow's tasks, in id order.
+    fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError>;
 }
 
 /// Record encoding: a format version byte, then MessagePack with field

@@ -2,18 +2,21 @@
 //! tasks, events, agents and indexes is one atomic `apply_batch`.
 //!
 //! Keys: `t`+id → task, `u`+id → unfinished marker, `e`+seq → event,
-//! `a`+id → agent, `k`+key → task id.
+//! `a`+id → agent, `k`+key → task id, `q`+name → queue settings,
+//! `w`+workflow id+task id → workflow membership.
 
 use std::path::Path;
 
 use super::{Store, StoreError, Write, decode, encode};
-use crate::model::{AgentRecord, Task, TaskEvent, TaskId};
+use crate::model::{AgentRecord, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
 
 const TASK: u8 = b't';
 const UNFINISHED: u8 = b'u';
 const EVENT: u8 = b'e';
 const AGENT: u8 = b'a';
 const IDEMPOTENCY: u8 = b'k';
+const QUEUE: u8 = b'q';
+const WORKFLOW: u8 = b'w';
 
 /// A sled-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -83,7 +86,13 @@ impl Store for SledStore {
                     if let Some(k) = &task.spec.idempotency_key {
                         batch.insert(key(IDEMPOTENCY, k.as_bytes()), &id[..]);
                     }
+                    if let Some(workflow) = task.workflow {
+                        let mut member = key(WORKFLOW, &workflow.to_bytes());
+                        member.extend_from_slice(&id);
+                        batch.insert(member, &[][..]);
+                    }
                 }
+                Write::Queue(queue) => batch.insert(key(QUEUE, queue.name.as_bytes()), encode(queue)?),
                 Write::Event(event) => {
                     batch.insert(key(EVENT, &event.sequence.to_be_bytes()), encode(event)?);
                 }
@@ -168,6 +177,25 @@ impl Store for SledStore {
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         self.scan_prefix(AGENT, |_, v| decode(v))
+    }
+
+    fn queues(&self) -> Result<Vec<QueueRecord>, StoreError> {
+        self.scan_prefix(QUEUE, |_, v| decode(v))
+    }
+
+    fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError> {
+        let prefix = key(WORKFLOW, &workflow.to_bytes());
+        self.tree
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (k, _) = item.map_err(engine)?;
+                let bytes: [u8; 16] = k
+                    .get(17..33)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| StoreError::Codec("bad workflow key".into()))?;
+                Ok(TaskId::from_bytes(bytes))
+            })
+            .collect()
     }
 
     fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError> {

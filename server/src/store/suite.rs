@@ -30,6 +30,10 @@ fn make_task(state: TaskState, key: Option<&str>) -> Task {
             idempotency_key: key.map(str::to_owned),
             not_before: None,
             trace_context: BTreeMap::new(),
+            key: None,
+            depends_on: Vec::new(),
+            locks: Vec::new(),
+            concurrency: None,
         },
         state,
         attempt: 0,
@@ -45,6 +49,7 @@ fn make_task(state: TaskState, key: Option<&str>) -> Task {
         deadline: None,
         cancel_requested: false,
         sequence: 0,
+        workflow: None,
     }
 }
 
@@ -59,6 +64,7 @@ fn make_event(sequence: u64, task: &Task) -> TaskEvent {
         agent_id: None,
         queue: "default".into(),
         capability: "shell".into(),
+        workflow: None,
         reason: "submitted".into(),
         message: String::new(),
         progress: None,
@@ -115,6 +121,21 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
     assert_eq!(store.agents()?, vec![agent.clone()]);
     store.write(&[Write::RemoveAgent(agent.id)])?;
     assert!(store.agents()?.is_empty());
+
+    let mut queue = QueueRecord::new("batch");
+    store.write(&[Write::Queue(queue.clone())])?;
+    queue.paused = true;
+    store.write(&[Write::Queue(queue.clone())])?;
+    assert_eq!(store.queues()?, vec![queue]);
+
+    let workflow = WorkflowId(Ulid::new());
+    let mut member = make_task(TaskState::Pending, None);
+    member.workflow = Some(workflow);
+    store.write(&[Write::Task(member.clone())])?;
+    member.state = TaskState::Queued;
+    store.write(&[Write::Task(member.clone())])?;
+    assert_eq!(store.workflow_tasks(workflow)?, vec![member.id]);
+    assert!(store.workflow_tasks(WorkflowId(Ulid::new()))?.is_empty());
     Ok(())
 }
 
@@ -132,6 +153,7 @@ fn sled_store_passes_the_suite_and_keeps_data_across_reopen() -> Result<(), Box<
     }
     let store = SledStore::open(dir.path(), None)?;
     assert_eq!(store.last_sequence()?, 3);
-    assert_eq!(store.unfinished_tasks()?.len(), 1);
+    assert_eq!(store.unfinished_tasks()?.len(), 2, "the queued task and the workflow member");
+    assert_eq!(store.queues()?.len(), 1);
     Ok(())
 }
