@@ -191,6 +191,49 @@ impl Client {
         let request = proto::ResumeAgentRequest { id: id.to_owned() };
         Ok(self.fleet.clone().resume_agent(request).await?.into_inner())
     }
+
+    /// Why a task is not running: every reason that applies, from the
+    /// scheduler's live state.
+    pub async fn explain(&self, id: &str) -> Result<proto::Explanation, Error> {
+        let request = proto::ExplainTaskRequest { id: id.to_owned() };
+        Ok(self.tasks.clone().explain_task(request).await?.into_inner())
+    }
+
+    /// A workflow's tasks with per-state counts and percent complete.
+    pub async fn get_workflow(&self, id: &str) -> Result<proto::Workflow, Error> {
+        let request = proto::GetWorkflowRequest { id: id.to_owned() };
+        Ok(self.tasks.clone().get_workflow(request).await?.into_inner())
+    }
+
+    /// Cancels every unfinished task of a workflow.
+    pub async fn cancel_workflow(&self, id: &str, reason: &str) -> Result<proto::Workflow, Error> {
+        let request = proto::CancelWorkflowRequest { id: id.to_owned(), reason: reason.to_owned() };
+        Ok(self.tasks.clone().cancel_workflow(request).await?.into_inner())
+    }
+
+    /// Every queue with settings or unfinished tasks.
+    pub async fn list_queues(&self) -> Result<Vec<proto::Queue>, Error> {
+        Ok(self.fleet.clone().list_queues(proto::ListQueuesRequest {}).await?.into_inner().queues)
+    }
+
+    /// Stops dispatch from a queue.
+    pub async fn pause_queue(&self, name: &str) -> Result<proto::Queue, Error> {
+        let request = proto::PauseQueueRequest { name: name.to_owned() };
+        Ok(self.fleet.clone().pause_queue(request).await?.into_inner())
+    }
+
+    /// Undoes [`pause_queue`](Self::pause_queue).
+    pub async fn resume_queue(&self, name: &str) -> Result<proto::Queue, Error> {
+        let request = proto::ResumeQueueRequest { name: name.to_owned() };
+        Ok(self.fleet.clone().resume_queue(request).await?.into_inner())
+    }
+
+    /// Sets a queue's dispatch weight (0 keeps it) and maximum running count
+    /// (0 means unlimited).
+    pub async fn configure_queue(&self, name: &str, weight: u32, max_running: u32) -> Result<proto::Queue, Error> {
+        let request = proto::ConfigureQueueRequest { name: name.to_owned(), weight, max_running };
+        Ok(self.fleet.clone().configure_queue(request).await?.into_inner())
+    }
 }
 
 /// A watch of one task's events after sequence `after`.

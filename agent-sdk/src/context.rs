@@ -41,6 +41,7 @@ struct ContextInner {
     queue: String,
     priority: proto::Priority,
     deadline: Option<SystemTime>,
+    parent_outputs: Vec<proto::ParentOutput>,
     token: CancellationToken,
     progress: mpsc::Sender<ProgressReport>,
 }
@@ -77,10 +78,32 @@ impl TaskContext {
                 queue: assignment.queue,
                 priority,
                 deadline,
+                parent_outputs: assignment.parent_outputs,
                 token,
                 progress,
             }),
         }
+    }
+
+    /// The outputs of the tasks this one depended on, in the order they
+    /// finished. Each carries the parent's key in its workflow.
+    pub fn parent_outputs(&self) -> &[proto::ParentOutput] {
+        &self.inner.parent_outputs
+    }
+
+    /// The output of the dependency with this key (or task id).
+    pub fn parent_output(&self, key: &str) -> Option<&[u8]> {
+        self.inner.parent_outputs.iter().find(|p| p.key == key || p.task_id == key).map(|p| p.output.as_slice())
+    }
+
+    /// The JSON output of the dependency with this key, decoded.
+    pub fn parent_json<T: DeserializeOwned>(&self, key: &str) -> Result<T, TaskError> {
+        let bytes = self.parent_output(key).ok_or_else(|| {
+            TaskError::fatal(format!("no dependency with key '{key}'")).with_reason("invalid_payload")
+        })?;
+        serde_json::from_slice(bytes).map_err(|e| {
+            TaskError::fatal(format!("output of '{key}' is not the expected JSON: {e}")).with_reason("invalid_payload")
+        })
     }
 
     /// The task's id, stable across attempts: use it as an idempotency key

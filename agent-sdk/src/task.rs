@@ -126,6 +126,38 @@ impl NewTask {
         self
     }
 
+    /// Names the task within one submit, so others in it can depend on it.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.spec.key = key.into();
+        self
+    }
+
+    /// Runs only after this task succeeds: a key in the same submit or an
+    /// existing task's id. May be called several times.
+    pub fn depends_on(mut self, key_or_id: impl Into<String>) -> Self {
+        self.spec.depends_on.push(key_or_id.into());
+        self
+    }
+
+    /// Holds the named lock alone while an attempt runs.
+    pub fn exclusive_lock(mut self, name: impl Into<String>) -> Self {
+        self.spec.locks.push(proto::Lock { name: name.into(), mode: proto::LockMode::Exclusive as i32 });
+        self
+    }
+
+    /// Holds the named lock alongside other shared holders while an attempt
+    /// runs.
+    pub fn shared_lock(mut self, name: impl Into<String>) -> Self {
+        self.spec.locks.push(proto::Lock { name: name.into(), mode: proto::LockMode::Shared as i32 });
+        self
+    }
+
+    /// Runs only while fewer than `max` tasks with the same key run.
+    pub fn concurrency(mut self, key: impl Into<String>, max: u32) -> Self {
+        self.spec.concurrency = Some(proto::Concurrency { key: key.into(), max });
+        self
+    }
+
     /// Returns the spec to pass to [`Client::submit`](crate::Client::submit).
     pub fn build(self) -> proto::TaskSpec {
         self.spec

@@ -188,7 +188,10 @@ impl pb::task_service_server::TaskService for TaskHandler {
         Ok(Response::new(convert::task_to_pb(&task)))
     }
 
-    async fn explain_task(&self, request: Request<pb::ExplainTaskRequest>) -> Result<Response<pb::Explanation>, Status> {
+    async fn explain_task(
+        &self,
+        request: Request<pb::ExplainTaskRequest>,
+    ) -> Result<Response<pb::Explanation>, Status> {
         let id = convert::task_id("id", &request.into_inner().id)?;
         let explanation = self.core.call(|reply| Command::Explain { id, reply }).await?;
         Ok(Response::new(convert::explanation_to_pb(&explanation)))

@@ -411,12 +411,16 @@ impl Core {
             }
             match self.find_agent(shape) {
                 Some(agent) => {
+                    self.charge_queue(&candidates, &queue);
                     self.ready.pop(shape, priority);
                     self.assign(entry.task, agent, now);
                 }
                 None => {
                     blocked.insert(shape);
                 }
+            }
+            if self.idle.values().all(BTreeMap::is_empty) {
+                break;
             }
         }
     }

@@ -44,7 +44,11 @@ impl Core {
                 let until = task.ready_at;
                 let in_ms = until.map(|u| u.saturating_sub(self.clock.ms(now))).unwrap_or(0);
                 let retrying = task.attempt > task.attempt_base && task.failure.is_some();
-                let (code, what) = if retrying { ("retry_backoff", "backing off before attempt") } else { ("not_before", "not before") };
+                let (code, what) = if retrying {
+                    ("retry_backoff", "backing off before attempt")
+                } else {
+                    ("not_before", "not before")
+                };
                 let message = if retrying {
                     format!("{what} {} for {in_ms}ms", task.attempt + 1)
                 } else {
@@ -96,7 +100,9 @@ impl Core {
                 let holders: Vec<TaskId> = self
                     .tasks
                     .values()
-                    .filter(|l| l.task.state.is_active() && l.task.spec.concurrency.as_ref().is_some_and(|o| o.key == c.key))
+                    .filter(|l| {
+                        l.task.state.is_active() && l.task.spec.concurrency.as_ref().is_some_and(|o| o.key == c.key)
+                    })
                     .map(|l| l.task.id)
                     .collect();
                 reasons.push(Reason {
@@ -118,17 +124,12 @@ impl Core {
                 .collect();
             reasons.push(Reason {
                 agents,
-                ..reason(
-                    "no_agent_with_capability",
-                    format!("no connected agent has capability {}", spec.capability),
-                )
+                ..reason("no_agent_with_capability", format!("no connected agent has capability {}", spec.capability))
             });
             return;
         }
-        let matching: Vec<_> = capable
-            .iter()
-            .filter(|s| spec.selector.iter().all(|(k, v)| s.record.labels.get(k) == Some(v)))
-            .collect();
+        let matching: Vec<_> =
+            capable.iter().filter(|s| spec.selector.iter().all(|(k, v)| s.record.labels.get(k) == Some(v))).collect();
         if matching.is_empty() {
             let agents: Vec<String> = capable
                 .iter()
@@ -150,7 +151,11 @@ impl Core {
                 agents,
                 ..reason(
                     "no_agent_matches_selector",
-                    format!("{} agents have capability {} but none matches the selector", capable.len(), spec.capability),
+                    format!(
+                        "{} agents have capability {} but none matches the selector",
+                        capable.len(),
+                        spec.capability
+                    ),
                 )
             });
             return;
@@ -160,13 +165,20 @@ impl Core {
             let agents: Vec<String> = matching
                 .iter()
                 .map(|s| {
-                    let how = if s.record.draining { "draining".to_owned() } else { format!("{}/{} slots busy", s.held.len(), s.record.slots) };
+                    let how = if s.record.draining {
+                        "draining".to_owned()
+                    } else {
+                        format!("{}/{} slots busy", s.held.len(), s.record.slots)
+                    };
                     format!("{}: {how}", s.record.name)
                 })
                 .collect();
             reasons.push(Reason {
                 agents,
-                ..reason("all_capable_agents_busy", format!("all {} matching agents are busy or draining", matching.len()))
+                ..reason(
+                    "all_capable_agents_busy",
+                    format!("all {} matching agents are busy or draining", matching.len()),
+                )
             });
         }
         if reasons.is_empty() {

@@ -150,28 +150,32 @@ impl Core {
         }
     }
 
-    /// Smooth weighted round robin among the queues that have a candidate.
-    pub(super) fn pick_queue<T>(&mut self, candidates: &HashMap<String, T>) -> Option<String> {
+    fn weight(&self, name: &str) -> i64 {
+        i64::from(self.queues.get(name).map_or(1, |q| q.record.weight.max(1)))
+    }
+
+    /// Smooth weighted round robin among the queues that have a candidate:
+    /// the queue with the most credit after each earns its weight. Nothing
+    /// changes until [`Core::charge_queue`] records that it was served.
+    pub(super) fn pick_queue<T>(&self, candidates: &HashMap<String, T>) -> Option<String> {
         let mut names: Vec<&String> = candidates.keys().collect();
-        if names.len() <= 1 {
-            return names.pop().cloned();
-        }
         names.sort();
-        let mut total = 0i64;
-        let mut best: Option<(&String, i64)> = None;
-        for name in names {
-            let queue = self.queue_mut(name);
-            let weight = i64::from(queue.record.weight.max(1));
-            queue.credit += weight;
-            total += weight;
-            if best.is_none_or(|(_, credit)| queue.credit > credit) {
-                best = Some((name, queue.credit));
-            }
+        let credit = |name: &str| self.queues.get(name).map_or(0, |q| q.credit) + self.weight(name);
+        names.into_iter().max_by_key(|name| (credit(name), std::cmp::Reverse(*name))).cloned()
+    }
+
+    /// Records that `served` was picked among `candidates`.
+    pub(super) fn charge_queue<T>(&mut self, candidates: &HashMap<String, T>, served: &str) {
+        if candidates.len() < 2 {
+            return;
         }
-        let (name, _) = best?;
-        let name = name.clone();
-        self.queue_mut(&name).credit -= total;
-        Some(name)
+        let mut total = 0;
+        for name in candidates.keys() {
+            let weight = self.weight(name);
+            total += weight;
+            self.queue_mut(name).credit += weight;
+        }
+        self.queue_mut(served).credit -= total;
     }
 
     pub(super) fn queue_info(&self, name: &str, now: Instant) -> QueueInfo {

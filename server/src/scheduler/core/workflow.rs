@@ -60,7 +60,10 @@ impl Core {
             if let Some(key) = sub.spec.key.as_deref()
                 && let Some(j) = by_key.insert(key, i)
             {
-                return Err(Error::invalid(format!("tasks[{i}].key"), format!("'{key}' is also the key of tasks[{j}]")));
+                return Err(Error::invalid(
+                    format!("tasks[{i}].key"),
+                    format!("'{key}' is also the key of tasks[{j}]"),
+                ));
             }
         }
 
@@ -115,16 +118,21 @@ impl Core {
                     let target = alias[j].unwrap_or(j);
                     match &existing[target] {
                         None => parents[i].push(Parent::Local(target)),
-                        Some(task) => self.resolve_existing(task.clone(), &field(), &mut parents[i], &mut outputs[i], &mut resolved[i])?,
+                        Some(task) => self.resolve_existing(
+                            task.clone(),
+                            &field(),
+                            &mut parents[i],
+                            &mut outputs[i],
+                            &mut resolved[i],
+                        )?,
                     }
                     continue;
                 }
                 let id = dep.parse::<TaskId>().map_err(|_| {
                     Error::invalid(field(), format!("'{dep}' is neither a key in this request nor an existing task id"))
                 })?;
-                let task = self
-                    .lookup(id)?
-                    .ok_or_else(|| Error::invalid(field(), format!("task {id} does not exist")))?;
+                let task =
+                    self.lookup(id)?.ok_or_else(|| Error::invalid(field(), format!("task {id} does not exist")))?;
                 self.resolve_existing(task, &field(), &mut parents[i], &mut outputs[i], &mut resolved[i])?;
             }
         }
