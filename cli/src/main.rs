@@ -3,6 +3,7 @@
 
 mod output;
 mod serve;
+mod workflow;
 
 use std::time::{Duration, SystemTime};
 
@@ -53,6 +54,12 @@ enum Command {
     /// Inspect and steer agents.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Submit and follow graphs of tasks.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCommand),
+    /// Inspect, pause, resume and weight queues.
+    #[command(subcommand)]
+    Queue(workflow::QueueCommand),
     /// Run the shell agent (capability `shell`) against --server.
     ShellAgent {
         /// The agent's name.
@@ -101,6 +108,8 @@ enum TaskCommand {
     },
     /// Run a FAILED or CANCELLED task again.
     Retry { id: String },
+    /// Say why a task is not running.
+    Explain { id: String },
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +198,13 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Dev { serve, agent_slots } => serve::dev(&serve, agent_slots).await?,
         Command::Task(command) => return task(&cli.server, command, &out).await,
         Command::Agent(command) => agent(&cli.server, command, &out).await?,
+        Command::Workflow(command) => {
+            let client = connect(&cli.server).await?;
+            if !workflow::workflow(&client, command, &out).await? {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+        Command::Queue(command) => workflow::queue(&connect(&cli.server).await?, command, &out).await?,
         Command::ShellAgent { name, slots } => {
             let config = muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots };
             muster_shell_agent::build_agent(&config)?.run().await?;
@@ -327,6 +343,10 @@ async fn task(server: &str, command: TaskCommand, out: &Output) -> anyhow::Resul
         }
         TaskCommand::Retry { id } => {
             out.task(&client.retry(&id).await?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        TaskCommand::Explain { id } => {
+            workflow::explain(&client, &id, out).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

@@ -211,7 +211,7 @@ impl Default for Limits {
             max_attempts: 100,
             max_timeout: Duration::from_secs(7 * 24 * 3600),
             max_agent_messages_per_second: 10_000,
-            max_dependencies_per_task: 1000,
+            max_dependencies_per_task: 10_000,
             max_locks_per_task: 16,
             max_message_len: 4096,
         }

@@ -214,8 +214,11 @@ impl Drop for Process {
 /// Starts `muster serve` on ephemeral ports and returns it with its gRPC
 /// endpoint, read from its first line of output.
 pub fn spawn_serve_process(data_dir: &Path, extra: &[&str]) -> (Process, String) {
+    let listen = if extra.contains(&"--listen") { vec![] } else { vec!["--listen", "127.0.0.1:0"] };
     let mut child = Command::new(muster_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
+        .arg("serve")
+        .args(listen)
+        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env("RUST_LOG", "warn")
