@@ -89,3 +89,54 @@ fn muster_dev_runs_a_shell_task_submitted_with_wait() -> TestResult {
     assert!(status.success(), "muster dev stops cleanly on SIGTERM: {status:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_pipeline_example_runs_through_the_workflow_and_queue_commands() -> TestResult {
+    let server = spawn_server().await;
+    let mut agents = Vec::new();
+    for capability in ["research", "write", "code", "review"] {
+        agents.push(spawn_agent(&server.endpoint, capability, capability, &[], 2, move |ctx| async move {
+            let upstream: Vec<String> = ctx.parent_outputs().iter().map(|p| p.key.clone()).collect();
+            Ok(muster_sdk::Output::from(format!("{capability} after {upstream:?}")))
+        }));
+    }
+    let endpoint = server.endpoint.clone();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/pipeline.yaml");
+    let run = move |args: Vec<String>| {
+        let endpoint = endpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            muster(&endpoint, &args)
+        })
+    };
+    let out = run(vec!["workflow".into(), "submit".into(), example.into(), "--wait".into()]).await?;
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("SUCCEEDED 4") && text.contains("100% complete"), "{text}");
+    let id = text.split_whitespace().nth(1).ok_or("no workflow id printed")?.to_owned();
+
+    let out = run(vec!["workflow".into(), "get".into(), id, "--output".into(), "json".into()]).await?;
+    let workflow: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(workflow["done"], true);
+    let review = workflow["tasks"].as_array().and_then(|t| t.iter().find(|t| t["key"] == "review")).ok_or("review")?;
+    let review_id = review["id"].as_str().ok_or("review id")?.to_owned();
+    let out = run(vec!["task".into(), "get".into(), review_id.clone(), "--output".into(), "json".into()]).await?;
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let output = task["output"].as_str().unwrap_or_default();
+    assert!(output.contains("\"write\"") && output.contains("\"code\""), "review saw its parents: {output}");
+
+    let out = run(vec!["task".into(), "explain".into(), review_id]).await?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("finished"));
+    let out = run(vec!["queue".into(), "pause".into(), "default".into()]).await?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("paused"));
+    let out = run(vec!["queue".into(), "list".into(), "--output".into(), "json".into()]).await?;
+    let queues: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(queues[0]["paused"], true);
+    let out = run(vec!["queue".into(), "resume".into(), "default".into()]).await?;
+    assert!(out.status.success());
+    for (stop, handle) in agents {
+        stop.cancel();
+        handle.await??;
+    }
+    Ok(())
+}
