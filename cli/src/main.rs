@@ -1,6 +1,7 @@
 //! `muster`: the one binary users run. It serves the control plane
 //! (`serve`, `dev`) and operates it (`task …`, `agent …`).
 
+mod bench;
 mod output;
 mod serve;
 mod workflow;
@@ -60,6 +61,9 @@ enum Command {
     /// Inspect, pause, resume and weight queues.
     #[command(subcommand)]
     Queue(workflow::QueueCommand),
+    /// Measure throughput, latency, idle agents and recovery (DESIGN.md's
+    /// performance targets) and print a JSON report.
+    Bench(bench::BenchArgs),
     /// Run the shell agent (capability `shell`) against --server.
     ShellAgent {
         /// The agent's name.
@@ -168,10 +172,12 @@ enum AgentCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The bench runs thousands of agents in this process: only problems.
+    let default_level = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -205,6 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Command::Queue(command) => workflow::queue(&connect(&cli.server).await?, command, &out).await?,
+        Command::Bench(args) => bench::run(args, cli.output == Format::Json).await?,
         Command::ShellAgent { name, slots } => {
             let config = muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots };
             muster_shell_agent::build_agent(&config)?.run().await?;
