@@ -219,13 +219,14 @@ impl Fleet {
     }
 }
 
+/// When each task was seen, by task id.
+type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+
 /// Counts SUCCEEDED events (each is durable when published) and when they
 /// arrived, by task id.
-fn watch_successes(
-    client: &Client,
-) -> (Arc<AtomicU64>, Arc<Mutex<HashMap<String, Instant>>>, tokio::task::JoinHandle<()>) {
+fn watch_successes(client: &Client) -> (Arc<AtomicU64>, Seen, tokio::task::JoinHandle<()>) {
     let count = Arc::new(AtomicU64::new(0));
-    let done: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let done: Seen = Arc::default();
     let (c, d, client) = (count.clone(), done.clone(), client.clone());
     let handle = tokio::spawn(async move {
         let request =
