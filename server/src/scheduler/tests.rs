@@ -859,3 +859,56 @@ async fn a_restart_mid_workflow_rebuilds_dependencies_locks_and_concurrency() {
     expected.sort();
     assert_eq!(next, expected);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_maximum_caps_its_running_tasks() {
+    let mut h = Harness::new(make_config());
+    h.set_queue("narrow", super::QueueChange { max_running: Some(1), ..Default::default() });
+    let mut spec = make_spec("x");
+    spec.queue = "narrow".into();
+    let first = h.submit(spec.clone()).id;
+    let second = h.submit(spec).id;
+    let mut agent = h.connect("x", &["x"], &[], 4);
+    assert_eq!(agent.assignments(), vec![(first, 1)]);
+    assert_eq!(h.explain(second), vec!["queue_at_max_running"]);
+    let queues = h.call(|reply| Command::ListQueues { reply }).expect("list queues");
+    let narrow = queues.iter().find(|q| q.record.name == "narrow").expect("narrow listed");
+    assert_eq!((narrow.running, narrow.depth.get("QUEUED").copied()), (1, Some(1)));
+    h.run(&agent, first, 1);
+    assert_eq!(agent.assignments(), vec![(second, 1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelling_a_workflow_cancels_every_unfinished_task() {
+    let mut h = Harness::new(make_config());
+    let outcome = h
+        .submit_graph(vec![node("a", "x", &[]), node("b", "x", &["a"]), node("c", "x", &[]), node("d", "x", &["c"])])
+        .expect("submit");
+    let workflow = outcome.workflow.expect("a workflow");
+    let id =
+        |k: &str| outcome.tasks.iter().find(|(t, _)| t.spec.key.as_deref() == Some(k)).map(|(t, _)| t.id).expect(k);
+    let mut agent = h.connect("x", &["x"], &[], 1);
+    let (first, _) = agent.assignments()[0];
+    h.run(&agent, first, 1);
+    agent.messages();
+    let cancelled = h
+        .call(|reply| Command::CancelWorkflow { id: workflow, reason: "abandoned".into(), reply })
+        .expect("cancel workflow");
+    assert!(!cancelled.is_empty());
+    for k in ["a", "b", "c", "d"] {
+        let state = h.task(id(k)).state;
+        if id(k) == first {
+            assert_eq!(state, TaskState::Succeeded, "{k} had finished");
+        } else {
+            assert!(
+                matches!(state, TaskState::Cancelled | TaskState::Assigned | TaskState::Running),
+                "{k} is {state:?}"
+            );
+        }
+    }
+    // A running task is cancelled in two phases; its handler is told.
+    h.advance(Duration::from_secs(6)).await;
+    for k in ["a", "b", "c", "d"] {
+        assert!(h.task(id(k)).state.is_terminal(), "{k} finished");
+    }
+}
