@@ -6,6 +6,7 @@
 //! the effects in order. That is group commit: the busier the server, the
 //! larger the batches and the cheaper each acknowledgement.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -18,7 +19,7 @@ use super::core::Core;
 use super::{Command, Effect, Outbox};
 use crate::config::Durability;
 use crate::model::TaskEvent;
-use crate::store::Store;
+use crate::store::{Store, Write};
 
 /// Commands handled per loop turn before timers, dispatch and a flush of
 /// the outbox: bounds the latency one busy turn adds.
@@ -79,7 +80,7 @@ pub(crate) fn spawn_writer(
                     Err(_) => break,
                 }
             }
-            let writes: Vec<_> = batch.iter_mut().flat_map(|o| o.writes.drain(..)).collect();
+            let writes = coalesce(batch.iter_mut().flat_map(|o| o.writes.drain(..)).collect());
             if !writes.is_empty() {
                 let result = store.write(&writes).and_then(|()| match durability {
                     Durability::Sync => store.flush(),
@@ -111,4 +112,40 @@ pub(crate) fn spawn_writer(
             error!(error = %e, "final store flush failed");
         }
     })
+}
+
+/// Keeps only the last write of each task in a batch: a task submitted,
+/// assigned and finished within one group commit is written once. Events
+/// and other writes are kept, in order.
+fn coalesce(writes: Vec<Write>) -> Vec<Write> {
+    let mut seen = HashSet::new();
+    let mut kept: Vec<Write> = writes
+        .into_iter()
+        .rev()
+        .filter(|w| match w {
+            Write::Task(task) => seen.insert(task.id),
+            _ => true,
+        })
+        .collect();
+    kept.reverse();
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TaskState;
+
+    #[test]
+    fn coalescing_keeps_the_last_version_of_each_task_and_every_event() {
+        let mut task = crate::store::test_task();
+        let first = Write::Task(task.clone());
+        task.state = TaskState::Succeeded;
+        let event = Write::Event(crate::store::test_event(1, &task));
+        let last = Write::Task(task.clone());
+        let kept = coalesce(vec![first, event, last]);
+        assert_eq!(kept.len(), 2);
+        assert!(matches!(&kept[0], Write::Event(e) if e.sequence == 1));
+        assert!(matches!(&kept[1], Write::Task(t) if t.state == TaskState::Succeeded));
+    }
 }

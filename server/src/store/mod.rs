@@ -10,6 +10,14 @@ mod memory;
 mod sled_store;
 #[cfg(test)]
 mod suite;
+#[cfg(test)]
+pub(crate) use suite::{make_event as test_event, make_task as test_task_in};
+
+/// A queued task for tests.
+#[cfg(test)]
+pub(crate) fn test_task() -> Task {
+    test_task_in(crate::model::TaskState::Queued, None)
+}
 
 use std::fmt;
 

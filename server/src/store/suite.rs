@@ -8,7 +8,7 @@ use ulid::Ulid;
 use super::{MemoryStore, SledStore, Store, Write};
 use crate::model::*;
 
-fn make_task(state: TaskState, key: Option<&str>) -> Task {
+pub(crate) fn make_task(state: TaskState, key: Option<&str>) -> Task {
     Task {
         id: TaskId(Ulid::new()),
         spec: TaskSpec {
@@ -53,7 +53,7 @@ fn make_task(state: TaskState, key: Option<&str>) -> Task {
     }
 }
 
-fn make_event(sequence: u64, task: &Task) -> TaskEvent {
+pub(crate) fn make_event(sequence: u64, task: &Task) -> TaskEvent {
     TaskEvent {
         sequence,
         task_id: task.id,
