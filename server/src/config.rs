@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Flush on every batch, or periodically.
     pub durability: Durability,
+    /// The store's page cache, in bytes.
+    pub store_cache_bytes: u64,
     /// The flush period in relaxed mode.
     #[serde(with = "humantime_serde")]
     pub relaxed_flush_interval: Duration,
@@ -73,6 +75,7 @@ impl Default for ServerConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
             data_dir: PathBuf::from("muster-data"),
             durability: Durability::Sync,
+            store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             relaxed_flush_interval: Duration::from_millis(200),
             lease_ttl: Duration::from_secs(15),
             heartbeat_interval: Duration::from_secs(5),

@@ -106,7 +106,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
         Durability::Sync => None,
         Durability::Relaxed => Some(config.relaxed_flush_interval),
     };
-    let store = SledStore::open(&config.data_dir, flush_every)?;
+    let store = SledStore::open_with_cache(&config.data_dir, flush_every, config.store_cache_bytes)?;
     start_with_store(config, Arc::new(store), shutdown).await
 }
 

@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use memory::MemoryStore;
-pub use sled_store::SledStore;
+pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 
 use crate::model::{AgentId, AgentRecord, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
 

@@ -16,6 +16,8 @@ const EVENT: u8 = b'e';
 const AGENT: u8 = b'a';
 const IDEMPOTENCY: u8 = b'k';
 const QUEUE: u8 = b'q';
+/// sled's own default is 1 GiB, which would dominate the server's memory.
+pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
 const WORKFLOW: u8 = b'w';
 
 /// A sled-backed [`Store`].
@@ -43,11 +45,22 @@ fn task_id_of(key: &[u8]) -> Result<TaskId, StoreError> {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`. `flush_every` is sled's
-    /// background flush period; `None` leaves flushing to [`Store::flush`].
+    /// Opens (or creates) the store in `dir` with the default page cache.
+    /// `flush_every` is sled's background flush period; `None` leaves
+    /// flushing to [`Store::flush`].
     pub fn open(dir: &Path, flush_every: Option<std::time::Duration>) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, flush_every, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`SledStore::open`], with a page cache of `cache_bytes`.
+    pub fn open_with_cache(
+        dir: &Path,
+        flush_every: Option<std::time::Duration>,
+        cache_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(cache_bytes)
             .flush_every_ms(flush_every.map(|d| d.as_millis().max(1) as u64))
             .open()
             .map_err(engine)?;
