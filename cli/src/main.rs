@@ -61,6 +61,10 @@ enum Command {
         /// Tasks it runs at once.
         #[arg(long, env = "MUSTER_SLOTS", default_value_t = 4)]
         slots: u32,
+        /// Serve Prometheus metrics at this address's /metrics (port 0 picks
+        /// a free port); announced to the server for discovery.
+        #[arg(long, env = "MUSTER_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -189,8 +193,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Dev { serve, agent_slots } => serve::dev(&serve, agent_slots).await?,
         Command::Task(command) => return task(&cli.server, command, &out).await,
         Command::Agent(command) => agent(&cli.server, command, &out).await?,
-        Command::ShellAgent { name, slots } => {
-            let config = muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots };
+        Command::ShellAgent { name, slots, metrics_listen } => {
+            let config =
+                muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots, metrics_listen };
             muster_shell_agent::build_agent(&config)?.run().await?;
         }
     }
