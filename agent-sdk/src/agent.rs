@@ -266,6 +266,9 @@ impl AgentBuilder {
         let metrics = AgentMetrics::new(self.registry)
             .map_err(|e| Error::InvalidConfig(format!("cannot register the agent's metrics: {e}")))?;
         metrics.slots.set(i64::from(self.slots));
+        for capability in self.handlers.keys() {
+            metrics.init_capability(capability);
+        }
         let settings = Settings {
             name: self.name,
             endpoints,

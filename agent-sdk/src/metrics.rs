@@ -78,6 +78,16 @@ impl AgentMetrics {
         Ok(Self { registry, tasks, handler_duration, slots_busy, slots, connected, reconnects })
     }
 
+    /// Creates the zero series of every outcome of `capability`, so rates
+    /// and ratios have data before the first task ends.
+    pub(crate) fn init_capability(&self, capability: &str) {
+        use label::{CANCELLED, DISCARDED, FAILED, SUCCEEDED};
+        for outcome in [SUCCEEDED, FAILED, CANCELLED, DISCARDED] {
+            self.tasks.with_label_values(&[capability, outcome]);
+            self.handler_duration.with_label_values(&[capability, outcome]);
+        }
+    }
+
     /// Records one finished handler.
     pub(crate) fn observe_handler(&self, capability: &str, outcome: &str, took: Duration) {
         self.tasks.with_label_values(&[capability, outcome]).inc();

@@ -12,7 +12,7 @@
 //! - gRPC requests and latency come from one tower layer
 //!   (`grpc::metrics_layer`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,7 +48,7 @@ pub(crate) const AGENTS: &str = "muster_agents";
 /// Connected, non-draining agents per capability.
 pub(crate) const CAPABILITY_AGENTS: &str = "muster_capability_agents";
 /// Slots of connected agents.
-pub(crate) const SLOTS_TOTAL: &str = "muster_slots_total";
+pub(crate) const SLOTS: &str = "muster_slots";
 /// Slots of connected agents holding an attempt.
 pub(crate) const SLOTS_BUSY: &str = "muster_slots_busy";
 /// Writes per store batch.
@@ -275,7 +275,7 @@ impl Metrics {
                 &[CAPABILITY],
             )?,
             slots_total: {
-                let g = IntGauge::new(SLOTS_TOTAL, "Slots of connected agents.")?;
+                let g = IntGauge::new(SLOTS, "Slots of connected agents.")?;
                 registry.register(Box::new(g.clone()))?;
                 g
             },
@@ -373,11 +373,31 @@ pub(crate) struct EventObserver {
     metrics: Arc<Metrics>,
     queued_at: HashMap<TaskId, Millis>,
     running_at: HashMap<(TaskId, u32), Millis>,
+    /// (queue, capability) pairs whose counters exist.
+    seen: HashSet<(String, String)>,
 }
 
 impl EventObserver {
     pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, queued_at: HashMap::new(), running_at: HashMap::new() }
+        Self { metrics, queued_at: HashMap::new(), running_at: HashMap::new(), seen: HashSet::new() }
+    }
+
+    /// Creates the zero series of a pair's counters the first time it is
+    /// seen: a counter that appears already at 1 shows no `increase()`, so
+    /// the first lost attempt or failure would go unnoticed.
+    fn init_pair(&mut self, queue: &str, capability: &str) {
+        if self.seen.contains(&(queue.to_owned(), capability.to_owned())) {
+            return;
+        }
+        self.seen.insert((queue.to_owned(), capability.to_owned()));
+        let m = &self.metrics;
+        let pair = [queue, capability];
+        m.submitted.with_label_values(&pair);
+        m.retried.with_label_values(&pair);
+        m.lost.with_label_values(&pair);
+        for outcome in [TaskState::Succeeded, TaskState::Failed, TaskState::Cancelled] {
+            m.finished.with_label_values(&[queue, capability, state_label(outcome)]);
+        }
     }
 
     /// Updates the families for one durable event.
@@ -385,6 +405,7 @@ impl EventObserver {
         if event.kind != EventKind::State {
             return;
         }
+        self.init_pair(&event.queue, &event.capability);
         let m = &self.metrics;
         let (queue, capability) = (event.queue.as_str(), event.capability.as_str());
         let pair = [queue, capability];
