@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::{Output, TaskContext, TaskError};
 use crate::endpoint::normalize_endpoint;
+use crate::metrics::AgentMetrics;
 use crate::{Error, runtime};
 
 /// A type-erased handler, shared by every attempt of its capability.
@@ -65,6 +67,8 @@ pub(crate) struct Settings {
 pub struct Agent {
     settings: Settings,
     handlers: HashMap<String, HandlerFn>,
+    metrics: AgentMetrics,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Agent {
@@ -78,6 +82,8 @@ impl Agent {
             labels: HashMap::new(),
             slots: DEFAULT_SLOTS,
             metrics_address: String::new(),
+            metrics_listen: None,
+            registry: prometheus::Registry::new(),
             drain_grace: DEFAULT_DRAIN_GRACE,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
@@ -106,8 +112,31 @@ impl Agent {
     /// Serves tasks until `shutdown` fires, then drains like
     /// [`run`](Agent::run). No signal handling: for embedding the agent in a
     /// process that owns its own shutdown tree.
-    pub async fn run_until(self, shutdown: CancellationToken) -> Result<(), Error> {
-        runtime::Runtime::new(self.settings, self.handlers).run(shutdown).await
+    ///
+    /// With [`metrics_listen`](AgentBuilder::metrics_listen) set, `/metrics`
+    /// is served for as long as this runs, and the bound address (the real
+    /// port when 0 was asked for) is announced at registration unless
+    /// [`metrics_address`](AgentBuilder::metrics_address) names another.
+    pub async fn run_until(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let stop_metrics = CancellationToken::new();
+        let mut endpoint = None;
+        if let Some(address) = self.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| Error::MetricsListen { address, source })?;
+            let bound = listener.local_addr().map_err(|source| Error::MetricsListen { address, source })?;
+            if self.settings.metrics_address.is_empty() {
+                self.settings.metrics_address = bound.to_string();
+            }
+            tracing::info!(address = %bound, "serving agent metrics at /metrics");
+            endpoint = Some(tokio::spawn(crate::metrics::serve(listener, self.metrics.clone(), stop_metrics.clone())));
+        }
+        let result = runtime::Runtime::new(self.settings, self.handlers, self.metrics).run(shutdown).await;
+        stop_metrics.cancel();
+        if let Some(endpoint) = endpoint {
+            let _ = endpoint.await;
+        }
+        result
     }
 }
 
@@ -127,6 +156,8 @@ pub struct AgentBuilder {
     labels: HashMap<String, String>,
     slots: u32,
     metrics_address: String,
+    metrics_listen: Option<SocketAddr>,
+    registry: prometheus::Registry,
     drain_grace: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -174,6 +205,31 @@ impl AgentBuilder {
         self
     }
 
+    /// Serves this agent's metrics at `http://<address>/metrics` while it
+    /// runs (port 0 picks a free port) and announces the bound address at
+    /// registration, so Prometheus finds it through the server's HTTP-SD
+    /// endpoint.
+    pub fn metrics_listen(mut self, address: SocketAddr) -> Self {
+        self.metrics_listen = Some(address);
+        self
+    }
+
+    /// The agent's Prometheus registry: register your own metrics here
+    /// before [`build`](Self::build) and they are served on the same
+    /// `/metrics` beside the SDK's `muster_agent_*` families.
+    ///
+    /// ```
+    /// use muster_sdk::prometheus::{IntCounter, Registry};
+    /// # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let builder = muster_sdk::Agent::builder("greeter");
+    /// let greeted = IntCounter::new("greeter_names_total", "Names greeted.")?;
+    /// builder.metrics_registry().register(Box::new(greeted.clone()))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn metrics_registry(&self) -> prometheus::Registry {
+        self.registry.clone()
+    }
+
     /// How long running work may finish after a drain starts before it is
     /// cancelled (default 30 s).
     pub fn drain_grace(mut self, grace: Duration) -> Self {
@@ -207,6 +263,12 @@ impl AgentBuilder {
         // A zero initial backoff would reconnect in a tight loop.
         let backoff_initial = self.backoff_initial.max(Duration::from_millis(1));
         let backoff_max = self.backoff_max.max(backoff_initial);
+        let metrics = AgentMetrics::new(self.registry)
+            .map_err(|e| Error::InvalidConfig(format!("cannot register the agent's metrics: {e}")))?;
+        metrics.slots.set(i64::from(self.slots));
+        for capability in self.handlers.keys() {
+            metrics.init_capability(capability);
+        }
         let settings = Settings {
             name: self.name,
             endpoints,
@@ -218,7 +280,12 @@ impl AgentBuilder {
             backoff_initial,
             backoff_max,
         };
-        Ok(Agent { settings, handlers: self.handlers.into_iter().collect() })
+        Ok(Agent {
+            settings,
+            handlers: self.handlers.into_iter().collect(),
+            metrics,
+            metrics_listen: self.metrics_listen,
+        })
     }
 }
 
@@ -231,6 +298,7 @@ impl fmt::Debug for AgentBuilder {
             .field("labels", &self.labels)
             .field("slots", &self.slots)
             .field("metrics_address", &self.metrics_address)
+            .field("metrics_listen", &self.metrics_listen)
             .field("drain_grace", &self.drain_grace)
             .field("backoff_initial", &self.backoff_initial)
             .field("backoff_max", &self.backoff_max)

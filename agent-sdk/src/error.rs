@@ -29,6 +29,15 @@ pub enum Error {
     /// The agent was built with a configuration it cannot run with.
     #[error("invalid agent configuration: {0}")]
     InvalidConfig(String),
+    /// The `/metrics` endpoint could not listen on its address.
+    #[error("cannot serve metrics on {address}")]
+    MetricsListen {
+        /// The address asked for.
+        address: std::net::SocketAddr,
+        /// Why binding failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// `err` followed by each of its causes, separated by `: `, for log lines

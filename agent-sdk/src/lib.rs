@@ -26,10 +26,14 @@ mod connect;
 mod context;
 mod endpoint;
 mod error;
+mod metrics;
 mod runtime;
 mod task;
 
 pub use muster_proto::pb as proto;
+/// The Prometheus client the agent's registry comes from, so custom metrics
+/// use the same version.
+pub use prometheus;
 pub use tokio_util::sync::CancellationToken;
 
 pub use crate::agent::{Agent, AgentBuilder};

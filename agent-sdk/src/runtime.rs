@@ -30,6 +30,7 @@ use crate::backoff::jittered;
 use crate::connect::{ConnectFailure, Session, leader_redirect, open_session, server_message_kind};
 use crate::context::{Output, ProgressReport, TaskContext, TaskError};
 use crate::error::error_chain;
+use crate::metrics::{AgentMetrics, label as metric_label};
 use crate::proto::{self, agent_message::Msg, server_message};
 use crate::task::from_proto_duration;
 
@@ -72,6 +73,7 @@ enum CancelCause {
 #[derive(Debug)]
 struct RunningAttempt {
     token: CancellationToken,
+    capability: String,
     cause: Option<CancelCause>,
     started: Instant,
     /// When progress was last sent for this attempt.
@@ -81,8 +83,8 @@ struct RunningAttempt {
 }
 
 impl RunningAttempt {
-    fn new(token: CancellationToken) -> Self {
-        Self { token, cause: None, started: Instant::now(), progress_sent_at: None, pending_progress: None }
+    fn new(token: CancellationToken, capability: String) -> Self {
+        Self { token, capability, cause: None, started: Instant::now(), progress_sent_at: None, pending_progress: None }
     }
 
     fn cancel(&mut self, cause: CancelCause) {
@@ -121,6 +123,7 @@ impl Phase {
 pub(crate) struct Runtime {
     settings: Settings,
     handlers: HashMap<String, HandlerFn>,
+    metrics: AgentMetrics,
 
     session: Option<Session>,
     connecting: Option<ConnectFuture>,
@@ -162,11 +165,12 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    pub(crate) fn new(settings: Settings, handlers: HashMap<String, HandlerFn>) -> Self {
+    pub(crate) fn new(settings: Settings, handlers: HashMap<String, HandlerFn>, metrics: AgentMetrics) -> Self {
         let (progress_tx, progress_rx) = mpsc::channel(PROGRESS_BUFFER);
         Self {
             settings,
             handlers,
+            metrics,
             session: None,
             connecting: None,
             connecting_to: String::new(),
@@ -230,7 +234,11 @@ impl Runtime {
                 () = sleep_until_opt(phase_deadline) => {}
             }
             self.advance_phase();
+            self.metrics.slots_busy.set(self.running.len() as i64);
+            self.metrics.connected.set(i64::from(self.session.is_some()));
         }
+        self.metrics.slots_busy.set(0);
+        self.metrics.connected.set(0);
         if !self.unacked.is_empty() {
             warn!(
                 results = self.unacked.len(),
@@ -352,6 +360,9 @@ impl Runtime {
     }
 
     fn on_registered(&mut self, session: Session, registered: proto::Registered) {
+        if self.has_registered {
+            self.metrics.reconnects.inc();
+        }
         self.last_contact = Instant::now();
         self.connect_failures = 0;
         self.redirects_in_row = 0;
@@ -575,12 +586,13 @@ impl Runtime {
             attempt = key.1,
             capability = %assignment.capability,
         );
+        let assignment_capability = assignment.capability.clone();
         let context = TaskContext::new(assignment, attempt, token.clone(), self.progress_tx.clone());
         // The handler is called inside the task so a panic while building
         // its future is caught like any other.
         let handle = self.joins.spawn(async move { handler(context).await }.instrument(span));
         self.task_ids.insert(handle.id(), key.clone());
-        self.running.insert(key, RunningAttempt::new(token));
+        self.running.insert(key, RunningAttempt::new(token, assignment_capability));
     }
 
     // ---- handlers ----------------------------------------------------------
@@ -653,6 +665,13 @@ impl Runtime {
             self.send(progress_message(&key, percent, message));
         }
         let elapsed = running.started.elapsed();
+        let label = match (&outcome, running.cause) {
+            _ if running.is_discarded() => metric_label::DISCARDED,
+            (Ok(Ok(_)), _) => metric_label::SUCCEEDED,
+            (Ok(Err(_)), Some(CancelCause::Server)) => metric_label::CANCELLED,
+            _ => metric_label::FAILED,
+        };
+        self.metrics.observe_handler(&running.capability, label, elapsed);
         if running.is_discarded() {
             debug!(task_id = %key.0, attempt = key.1, "result of a dropped attempt discarded");
             return;
@@ -841,7 +860,7 @@ mod tests {
 
     #[test]
     fn stronger_cancel_causes_win() {
-        let mut running = RunningAttempt::new(CancellationToken::new());
+        let mut running = RunningAttempt::new(CancellationToken::new(), String::new());
         running.cancel(CancelCause::Server);
         running.cancel(CancelCause::Shutdown);
         assert_eq!(running.cause, Some(CancelCause::Server));

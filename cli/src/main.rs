@@ -72,6 +72,10 @@ enum Command {
         /// Tasks it runs at once.
         #[arg(long, env = "MUSTER_SLOTS", default_value_t = 4)]
         slots: u32,
+        /// Serve Prometheus metrics at this address's /metrics (port 0 picks
+        /// a free port); announced to the server for discovery.
+        #[arg(long, env = "MUSTER_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -212,8 +216,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Queue(command) => workflow::queue(&connect(&cli.server).await?, command, &out).await?,
         Command::Bench(args) => bench::run(args, cli.output == Format::Json).await?,
-        Command::ShellAgent { name, slots } => {
-            let config = muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots };
+        Command::ShellAgent { name, slots, metrics_listen } => {
+            let config =
+                muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots, metrics_listen };
             muster_shell_agent::build_agent(&config)?.run().await?;
         }
     }

@@ -124,8 +124,12 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
     let shutdown = shutdown_on_signals();
     let server = muster_server::start(config, shutdown.clone()).await?;
     let endpoint = format!("http://{}", server.grpc_addr());
-    let shell =
-        muster_shell_agent::ShellAgentConfig { server: endpoint.clone(), name: "dev-shell".into(), slots: agent_slots };
+    let shell = muster_shell_agent::ShellAgentConfig {
+        server: endpoint.clone(),
+        name: "dev-shell".into(),
+        slots: agent_slots,
+        metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+    };
     let agent = muster_shell_agent::build_agent(&shell)?;
     let agent_token = shutdown.child_token();
     let agent_task = tokio::spawn(agent.run_until(agent_token));
@@ -134,6 +138,7 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
     println!("Muster is running (Ctrl-C to stop).");
     println!("  gRPC    {endpoint}");
     println!("  HTTP    http://{}/healthz", server.http_addr());
+    println!("  metrics http://{}/metrics (agents: http://{}/sd/agents)", server.http_addr(), server.http_addr());
     println!("  data    {}", data_dir.display());
     println!("  agents  dev-shell: capability shell, {agent_slots} slots");
     println!();

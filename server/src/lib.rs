@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 mod grpc;
 mod http;
+pub mod metrics;
 pub mod model;
 mod scheduler;
 pub mod store;
@@ -53,6 +54,9 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("grpc: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The metrics registry could not be set up.
+    #[error("{0}")]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// Queue depth between the gRPC handlers and the scheduler.
@@ -128,8 +132,15 @@ pub async fn start_with_store(
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (outboxes, outbox_rx) = mpsc::channel(WRITER_QUEUE);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
-    let writer =
-        scheduler::driver::spawn_writer(store.clone(), config.durability, outbox_rx, events.clone(), shutdown.clone())?;
+    let metrics = metrics::Metrics::new()?;
+    let writer = scheduler::driver::spawn_writer(
+        store.clone(),
+        config.durability,
+        outbox_rx,
+        events.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
     let scheduler = tokio::spawn(scheduler::driver::run_core(core, command_rx, outboxes, shutdown.clone()));
     let core = CoreHandle::new(commands);
 
@@ -152,11 +163,12 @@ pub async fn start_with_store(
         shutdown: shutdown.clone(),
     };
     let agents = AgentHandler { core: core.clone(), config: config.clone(), shutdown: shutdown.clone() };
-    let fleet = FleetHandler { core, config: config.clone() };
+    let fleet = FleetHandler { core: core.clone(), config: config.clone() };
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(config.heartbeat_interval))
         .http2_keepalive_timeout(Some(config.lease_ttl))
+        .layer(grpc::metrics_layer::GrpcMetricsLayer::new(metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -175,7 +187,7 @@ pub async fn start_with_store(
                 .max_encoding_message_size(max),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned());
-    let http = axum::serve(http_listener, http::router(shutdown.clone()))
+    let http = axum::serve(http_listener, http::router(http::HttpState { shutdown: shutdown.clone(), core, metrics }))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
     info!(%grpc_addr, %http_addr, durability = ?config.durability, "muster server listening");

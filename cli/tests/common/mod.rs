@@ -249,3 +249,17 @@ pub fn spawn_shell_agent_process(endpoint: &str, name: &str) -> Process {
         .unwrap();
     Process { child }
 }
+
+/// Starts `muster shell-agent` against `endpoint`, serving metrics on a
+/// free port (announced to the server, found through `/sd/agents`).
+pub fn spawn_shell_agent_process_with_metrics(endpoint: &str, name: &str) -> Process {
+    let child = Command::new(muster_bin())
+        .args(["--server", endpoint, "shell-agent", "--name", name, "--slots", "2"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Process { child }
+}

@@ -35,6 +35,9 @@ pub struct ShellAgentConfig {
     pub name: String,
     /// How many commands run at once.
     pub slots: u32,
+    /// Where to serve `/metrics` (port 0 picks one); announced to the
+    /// server for discovery. `None` serves no metrics.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Builds the shell agent; it advertises capability `shell` and the label
@@ -45,6 +48,9 @@ pub fn build_agent(config: &ShellAgentConfig) -> Result<Agent, Error> {
         .slots(config.slots)
         .label("os", std::env::consts::OS)
         .handler(CAPABILITY, command::run);
+    if let Some(address) = config.metrics_listen {
+        builder = builder.metrics_listen(address);
+    }
     for endpoint in config.server.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         builder = builder.server(endpoint);
     }
@@ -56,7 +62,7 @@ mod tests {
     use super::*;
 
     fn make_config(server: &str) -> ShellAgentConfig {
-        ShellAgentConfig { server: server.to_owned(), name: "shell-test".to_owned(), slots: 2 }
+        ShellAgentConfig { server: server.to_owned(), name: "shell-test".to_owned(), slots: 2, metrics_listen: None }
     }
 
     #[test]

@@ -22,6 +22,10 @@ struct Args {
     /// How many commands run at once.
     #[arg(long, env = "MUSTER_SLOTS", default_value_t = 4)]
     slots: u32,
+    /// Serve Prometheus metrics at this address's /metrics (port 0 picks a
+    /// free port); the address is announced to the server for discovery.
+    #[arg(long, env = "MUSTER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -30,8 +34,12 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let args = Args::parse();
-    let config =
-        ShellAgentConfig { server: args.server, name: args.name.unwrap_or_else(default_name), slots: args.slots };
+    let config = ShellAgentConfig {
+        server: args.server,
+        name: args.name.unwrap_or_else(default_name),
+        slots: args.slots,
+        metrics_listen: args.metrics_listen,
+    };
     let agent = build_agent(&config).context("invalid shell agent configuration")?;
     agent.run().await.context("shell agent failed")?;
     Ok(())

@@ -99,6 +99,7 @@ async fn spawn_shell_agent() -> anyhow::Result<(ScriptedSession, CancellationTok
         server: format!("http://{address}"),
         name: "shell-test".to_owned(),
         slots: 2,
+        metrics_listen: None,
     })?;
     let shutdown = CancellationToken::new();
     tokio::spawn(agent.run_until(shutdown.clone()));

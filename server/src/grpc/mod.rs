@@ -4,5 +4,6 @@
 pub(crate) mod agent_server;
 pub(crate) mod convert;
 pub(crate) mod fleet_server;
+pub(crate) mod metrics_layer;
 mod status;
 pub(crate) mod task_server;

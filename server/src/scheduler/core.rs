@@ -320,6 +320,10 @@ impl Core {
                 let result = self.set_draining(id, draining);
                 self.reply(reply, result);
             }
+            Command::Snapshot { reply } => {
+                let snapshot = self.snapshot(now);
+                self.reply(reply, Ok(snapshot));
+            }
         }
         self.settle_finished(now);
     }
@@ -1074,6 +1078,25 @@ impl Core {
     #[cfg(test)]
     pub(crate) fn unfinished(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// The metrics gauges from live state: a scan of unfinished tasks and
+    /// sessions, run only when Prometheus scrapes, never on the hot path.
+    pub(crate) fn snapshot(&self, now: Instant) -> crate::metrics::Snapshot {
+        let now_ms = self.clock.ms(now);
+        let mut snapshot = crate::metrics::Snapshot::default();
+        for live in self.tasks.values() {
+            let task = &live.task;
+            // A queued task's last event is its entry into QUEUED.
+            let queued_for = (task.state == TaskState::Queued)
+                .then(|| Duration::from_millis(now_ms.saturating_sub(task.updated_at)));
+            let overdue = task.state.is_active() && task.deadline.is_some_and(|d| d < now_ms);
+            snapshot.add_task(task.state, &task.spec.queue, &task.spec.capability, queued_for, overdue);
+        }
+        for session in self.agents.values() {
+            snapshot.add_agent(session.state(), &session.record.capabilities, session.record.slots, session.held.len());
+        }
+        snapshot
     }
 }
 

@@ -18,6 +18,7 @@ use tracing::{debug, error};
 use super::core::Core;
 use super::{Command, Effect, Outbox};
 use crate::config::Durability;
+use crate::metrics::{EventObserver, Metrics};
 use crate::model::TaskEvent;
 use crate::store::{Store, Write};
 
@@ -63,15 +64,18 @@ pub(crate) async fn run_core(
     debug!("scheduler stopped");
 }
 
-/// The writer thread: group commit, then effects.
+/// The writer thread: group commit, then effects. It also feeds the
+/// lifecycle metrics, from the events of each batch once it is durable.
 pub(crate) fn spawn_writer(
     store: Arc<dyn Store>,
     durability: Durability,
     mut outboxes: mpsc::Receiver<Outbox>,
     events: broadcast::Sender<TaskEvent>,
+    metrics: Arc<Metrics>,
     on_failure: CancellationToken,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("muster-writer".into()).spawn(move || {
+        let mut observer = EventObserver::new(metrics.clone());
         while let Some(first) = outboxes.blocking_recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_OUTBOXES_PER_BATCH {
@@ -82,6 +86,7 @@ pub(crate) fn spawn_writer(
             }
             let writes = coalesce(batch.iter_mut().flat_map(|o| o.writes.drain(..)).collect());
             if !writes.is_empty() {
+                let started = std::time::Instant::now();
                 let result = store.write(&writes).and_then(|()| match durability {
                     Durability::Sync => store.flush(),
                     Durability::Relaxed => Ok(()),
@@ -94,6 +99,7 @@ pub(crate) fn spawn_writer(
                     on_failure.cancel();
                     return;
                 }
+                metrics.observe_commit(writes.len(), started.elapsed());
             }
             for effect in batch.into_iter().flat_map(|o| o.effects) {
                 match effect {
@@ -103,6 +109,7 @@ pub(crate) fn spawn_writer(
                         let _ = tx.send(message);
                     }
                     Effect::Publish(event) => {
+                        observer.observe(&event);
                         let _ = events.send(event);
                     }
                 }

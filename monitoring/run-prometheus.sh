@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Starts Prometheus on this machine against a running `muster dev` (or
+# `muster serve`), with Muster's recording and alert rules loaded.
+#
+#   monitoring/run-prometheus.sh                 # server HTTP on 127.0.0.1:7071
+#   MUSTER_HTTP=10.0.0.5:7071 monitoring/run-prometheus.sh
+#
+# Prometheus listens on PROMETHEUS_LISTEN (default 127.0.0.1:9090) and keeps
+# its data in a temporary directory removed on exit. Needs `prometheus` on
+# PATH (Debian/Ubuntu: apt-get install prometheus).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+server="${MUSTER_HTTP:-127.0.0.1:7071}"
+listen="${PROMETHEUS_LISTEN:-127.0.0.1:9090}"
+interval="${SCRAPE_INTERVAL:-5s}"
+
+command -v prometheus >/dev/null || { echo "prometheus is not installed (apt-get install prometheus)" >&2; exit 1; }
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+sed -e "s#127.0.0.1:7071#${server}#g" \
+    -e "s#: 15s#: ${interval}#g" \
+    -e "s#- rules/#- ${here}/prometheus/rules/#g" \
+    "$here/prometheus/prometheus.yml" > "$work/prometheus.yml"
+echo "Prometheus on http://${listen} scraping muster at ${server} (agents via http://${server}/sd/agents)"
+prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
+    --web.listen-address="$listen" --log.level=warn
