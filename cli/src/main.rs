@@ -55,12 +55,15 @@ enum Command {
     Agent(AgentCommand),
     /// Run the shell agent (capability `shell`) against --server.
     ShellAgent {
-        /// The agent's name.
-        #[arg(long, env = "MUSTER_AGENT_NAME", default_value = "shell")]
-        name: String,
-        /// Tasks it runs at once.
-        #[arg(long, env = "MUSTER_SLOTS", default_value_t = 4)]
-        slots: u32,
+        /// The agent's name [default: shell].
+        #[arg(long, env = "MUSTER_AGENT_NAME")]
+        name: Option<String>,
+        /// Tasks it runs at once [default: 4].
+        #[arg(long, env = "MUSTER_SLOTS")]
+        slots: Option<u32>,
+        /// Execution settings: TOML file, grace, limits, environment.
+        #[command(flatten)]
+        shell: muster_shell_agent::ShellArgs,
     },
 }
 
@@ -189,8 +192,14 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Dev { serve, agent_slots } => serve::dev(&serve, agent_slots).await?,
         Command::Task(command) => return task(&cli.server, command, &out).await,
         Command::Agent(command) => agent(&cli.server, command, &out).await?,
-        Command::ShellAgent { name, slots } => {
-            let config = muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots };
+        Command::ShellAgent { name, slots, shell } => {
+            let base = muster_shell_agent::ShellAgentConfig {
+                server: cli.server.clone(),
+                ..muster_shell_agent::ShellAgentConfig::default()
+            };
+            let mut config = shell.apply(base)?;
+            config.name = name.unwrap_or(config.name);
+            config.slots = slots.unwrap_or(config.slots);
             muster_shell_agent::build_agent(&config)?.run().await?;
         }
     }

@@ -117,18 +117,31 @@ pub(crate) async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 /// `muster dev`: the server with a local data directory plus the shell
-/// agent, in one process.
+/// agent and the HTTP agent (loopback only), in one process.
 pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()> {
     let config = args.load(".muster/dev")?;
     let data_dir = config.data_dir.clone();
     let shutdown = shutdown_on_signals();
     let server = muster_server::start(config, shutdown.clone()).await?;
     let endpoint = format!("http://{}", server.grpc_addr());
-    let shell =
-        muster_shell_agent::ShellAgentConfig { server: endpoint.clone(), name: "dev-shell".into(), slots: agent_slots };
+    let shell = muster_shell_agent::ShellAgentConfig {
+        server: endpoint.clone(),
+        name: "dev-shell".into(),
+        slots: agent_slots,
+        ..muster_shell_agent::ShellAgentConfig::default()
+    };
     let agent = muster_shell_agent::build_agent(&shell)?;
     let agent_token = shutdown.child_token();
     let agent_task = tokio::spawn(agent.run_until(agent_token));
+    // The HTTP agent may reach this machine only.
+    let http = muster_http_agent::HttpAgentConfig {
+        server: endpoint.clone(),
+        name: "dev-http".into(),
+        allow: ["127.0.0.1", "localhost", "[::1]"].map(String::from).to_vec(),
+        ..muster_http_agent::HttpAgentConfig::default()
+    };
+    let http_agent = muster_http_agent::build_agent(&http)?;
+    let http_task = tokio::spawn(http_agent.run_until(shutdown.child_token()));
 
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "muster".into());
     println!("Muster is running (Ctrl-C to stop).");
@@ -136,6 +149,7 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
     println!("  HTTP    http://{}/healthz", server.http_addr());
     println!("  data    {}", data_dir.display());
     println!("  agents  dev-shell: capability shell, {agent_slots} slots");
+    println!("          dev-http: capability http, loopback hosts only");
     println!();
     println!("Try, from another terminal:");
     println!("  {exe} --server {endpoint} task submit shell --payload '{{\"argv\":[\"echo\",\"hello\"]}}' --wait");
@@ -143,6 +157,10 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
     match agent_task.await {
         Ok(result) => result?,
         Err(e) => anyhow::bail!("the shell agent task failed: {e}"),
+    }
+    match http_task.await {
+        Ok(result) => result?,
+        Err(e) => anyhow::bail!("the http agent task failed: {e}"),
     }
     Ok(())
 }
