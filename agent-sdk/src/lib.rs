@@ -17,7 +17,10 @@
 //! after a crash or a lost lease, so side effects should be keyed by
 //! [`TaskContext::task_id`].
 //!
-//! See `examples/echo_agent.rs` for a complete agent.
+//! `README.md` in this crate is a guide to writing an agent, walking
+//! through `examples/word_count.rs` (typed JSON payloads, progress,
+//! failures, cancellation, graceful shutdown, running against `muster
+//! dev`); `examples/echo_agent.rs` is a second complete agent.
 
 mod agent;
 mod backoff;

@@ -66,12 +66,15 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run the shell agent (capability `shell`) against --server.
     ShellAgent {
-        /// The agent's name.
-        #[arg(long, env = "MUSTER_AGENT_NAME", default_value = "shell")]
-        name: String,
-        /// Tasks it runs at once.
-        #[arg(long, env = "MUSTER_SLOTS", default_value_t = 4)]
-        slots: u32,
+        /// The agent's name [default: shell].
+        #[arg(long, env = "MUSTER_AGENT_NAME")]
+        name: Option<String>,
+        /// Tasks it runs at once [default: 4].
+        #[arg(long, env = "MUSTER_SLOTS")]
+        slots: Option<u32>,
+        /// Execution settings: TOML file, grace, limits, environment.
+        #[command(flatten)]
+        shell: muster_shell_agent::ShellArgs,
         /// Serve Prometheus metrics at this address's /metrics (port 0 picks
         /// a free port); announced to the server for discovery.
         #[arg(long, env = "MUSTER_METRICS_LISTEN")]
@@ -216,9 +219,15 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Queue(command) => workflow::queue(&connect(&cli.server).await?, command, &out).await?,
         Command::Bench(args) => bench::run(args, cli.output == Format::Json).await?,
-        Command::ShellAgent { name, slots, metrics_listen } => {
-            let config =
-                muster_shell_agent::ShellAgentConfig { server: cli.server.clone(), name, slots, metrics_listen };
+        Command::ShellAgent { name, slots, shell, metrics_listen } => {
+            let base = muster_shell_agent::ShellAgentConfig {
+                server: cli.server.clone(),
+                ..muster_shell_agent::ShellAgentConfig::default()
+            };
+            let mut config = shell.apply(base)?;
+            config.name = name.unwrap_or(config.name);
+            config.slots = slots.unwrap_or(config.slots);
+            config.metrics_listen = metrics_listen.or(config.metrics_listen);
             muster_shell_agent::build_agent(&config)?.run().await?;
         }
     }

@@ -117,7 +117,7 @@ pub(crate) async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 /// `muster dev`: the server with a local data directory plus the shell
-/// agent, in one process.
+/// agent and the HTTP agent (loopback only), in one process.
 pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()> {
     let config = args.load(".muster/dev")?;
     let data_dir = config.data_dir.clone();
@@ -129,10 +129,20 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
         name: "dev-shell".into(),
         slots: agent_slots,
         metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..muster_shell_agent::ShellAgentConfig::default()
     };
     let agent = muster_shell_agent::build_agent(&shell)?;
     let agent_token = shutdown.child_token();
     let agent_task = tokio::spawn(agent.run_until(agent_token));
+    // The HTTP agent may reach this machine only.
+    let http = muster_http_agent::HttpAgentConfig {
+        server: endpoint.clone(),
+        name: "dev-http".into(),
+        allow: ["127.0.0.1", "localhost", "[::1]"].map(String::from).to_vec(),
+        ..muster_http_agent::HttpAgentConfig::default()
+    };
+    let http_agent = muster_http_agent::build_agent(&http)?;
+    let http_task = tokio::spawn(http_agent.run_until(shutdown.child_token()));
 
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "muster".into());
     println!("Muster is running (Ctrl-C to stop).");
@@ -141,6 +151,7 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
     println!("  metrics http://{}/metrics (agents: http://{}/sd/agents)", server.http_addr(), server.http_addr());
     println!("  data    {}", data_dir.display());
     println!("  agents  dev-shell: capability shell, {agent_slots} slots");
+    println!("          dev-http: capability http, loopback hosts only");
     println!();
     println!("Try, from another terminal:");
     println!("  {exe} --server {endpoint} task submit shell --payload '{{\"argv\":[\"echo\",\"hello\"]}}' --wait");
@@ -148,6 +159,10 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
     match agent_task.await {
         Ok(result) => result?,
         Err(e) => anyhow::bail!("the shell agent task failed: {e}"),
+    }
+    match http_task.await {
+        Ok(result) => result?,
+        Err(e) => anyhow::bail!("the http agent task failed: {e}"),
     }
     Ok(())
 }

@@ -1,12 +1,13 @@
 //! Running one `shell` task: parse the payload, spawn the program in its own
-//! process group, capture the tails of its output, and kill the whole group
-//! on cancellation.
+//! process group, capture the tails of its output, and end the whole group
+//! (SIGTERM, then SIGKILL after a grace period) on cancellation or timeout.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use muster_sdk::{Output, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,9 @@ const PIPE_DRAIN: Duration = Duration::from_secs(1);
 
 /// How long a killed process group gets to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a terminating process group is checked for survivors.
+const GROUP_POLL: Duration = Duration::from_millis(20);
 
 /// The payload as submitted.
 #[derive(Debug, Deserialize)]
@@ -69,17 +73,181 @@ fn parse_payload(payload: &[u8]) -> Result<ShellCommand, TaskError> {
     Ok(ShellCommand { program, args: argv.collect(), env: payload.env.unwrap_or_default(), cwd: payload.cwd })
 }
 
-/// The `shell` handler.
-pub(crate) async fn run(ctx: TaskContext) -> Result<Output, TaskError> {
-    let command = parse_payload(ctx.payload())?;
-    let output = execute(&command, &ctx).await?;
-    if output.exit_code != 0 {
-        return Err(exit_error(&command.program, &output));
-    }
-    Output::json(&output)
+/// Executes `shell` tasks under the agent's configuration; cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Runner {
+    inner: Arc<RunnerConfig>,
 }
 
-fn exit_error(program: &str, output: &ShellOutput) -> TaskError {
+#[derive(Debug)]
+struct RunnerConfig {
+    kill_grace: Duration,
+    timeout: Option<Duration>,
+    max_output_bytes: usize,
+    /// Canonical forms of the allowed directories.
+    allowed_dirs: Vec<PathBuf>,
+    inherit_env: bool,
+    pass_env: Vec<String>,
+    non_retryable_exit_codes: Vec<i32>,
+}
+
+/// Why a running program is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Cancelled,
+    TimedOut(Duration),
+}
+
+impl Runner {
+    /// Checks the configuration; the error names the field.
+    pub(crate) fn new(config: &crate::ShellAgentConfig) -> Result<Self, String> {
+        let mut allowed_dirs = Vec::new();
+        for dir in &config.allowed_dirs {
+            let canonical = dir
+                .canonicalize()
+                .map_err(|e| format!("allowed_dirs: {} is not a usable directory: {e}", dir.display()))?;
+            allowed_dirs.push(canonical);
+        }
+        Ok(Self {
+            inner: Arc::new(RunnerConfig {
+                kill_grace: config.kill_grace,
+                timeout: config.timeout,
+                max_output_bytes: config.max_output_bytes,
+                allowed_dirs,
+                inherit_env: config.inherit_env,
+                pass_env: config.pass_env.clone(),
+                non_retryable_exit_codes: config.non_retryable_exit_codes.clone(),
+            }),
+        })
+    }
+
+    /// The `shell` handler.
+    pub(crate) async fn run(&self, ctx: TaskContext) -> Result<Output, TaskError> {
+        let mut command = parse_payload(ctx.payload())?;
+        command.cwd = self.working_dir(&command)?;
+        let output = self.execute(&command, &ctx).await?;
+        if output.exit_code != 0 {
+            let retryable = !self.inner.non_retryable_exit_codes.contains(&output.exit_code);
+            return Err(exit_error(&command.program, &output, retryable));
+        }
+        Output::json(&output)
+    }
+
+    /// The directory the command runs in, checked against `allowed_dirs`.
+    fn working_dir(&self, command: &ShellCommand) -> Result<Option<PathBuf>, TaskError> {
+        let allowed = &self.inner.allowed_dirs;
+        let Some(cwd) = &command.cwd else {
+            return Ok(allowed.first().cloned());
+        };
+        let canonical = cwd.canonicalize().map_err(|_| {
+            TaskError::fatal(format!(
+                "cannot run {}: working directory {} does not exist",
+                command.program,
+                cwd.display()
+            ))
+            .with_reason("spawn_failed")
+        })?;
+        if !canonical.is_dir() {
+            return Err(TaskError::fatal(format!(
+                "cannot run {}: {} is not a directory",
+                command.program,
+                cwd.display()
+            ))
+            .with_reason("spawn_failed"));
+        }
+        if !allowed.is_empty() && !allowed.iter().any(|dir| canonical.starts_with(dir)) {
+            return Err(TaskError::fatal(format!("cwd: {} is outside the agent's allowed_dirs", cwd.display()))
+                .with_reason("cwd_not_allowed"));
+        }
+        Ok(Some(canonical))
+    }
+
+    /// How long the command may run: the agent's limit or the task's
+    /// deadline, whichever comes first.
+    fn time_limit(&self, ctx: &TaskContext) -> Option<Duration> {
+        let until_deadline =
+            ctx.deadline().map(|deadline| deadline.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
+        match (self.inner.timeout, until_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    async fn execute(&self, command: &ShellCommand, ctx: &TaskContext) -> Result<ShellOutput, TaskError> {
+        let mut cmd = Command::new(&command.program);
+        if !self.inner.inherit_env {
+            cmd.env_clear();
+            for name in &self.inner.pass_env {
+                if let Some(value) = std::env::var_os(name) {
+                    cmd.env(name, value);
+                }
+            }
+        }
+        cmd.args(&command.args)
+            .envs(&command.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(cwd) = &command.cwd {
+            cmd.current_dir(cwd);
+        }
+        // Its own process group, so cancellation reaches every descendant.
+        #[cfg(unix)]
+        cmd.process_group(0);
+        let mut child = cmd.spawn().map_err(|err| spawn_error(&command.program, &err))?;
+        let pid = child.id();
+        tracing::debug!(task_id = ctx.task_id(), program = %command.program, ?pid, "spawned");
+        // Armed until the program exits on its own: cancellation, timeout,
+        // and the agent aborting this handler at shutdown all end the group.
+        let mut group = ProcessGroup::new(pid);
+
+        let cap = self.inner.max_output_bytes;
+        let mut stdout = TailBuffer::new(cap);
+        let mut stderr = TailBuffer::new(cap);
+        let time_limit = self.time_limit(ctx);
+        let finished = {
+            let collect = collect(&mut child, &mut stdout, &mut stderr);
+            let expired = async {
+                match time_limit {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                status = collect => Ok(status),
+                () = ctx.cancelled() => Err(Stop::Cancelled),
+                () = expired => Err(Stop::TimedOut(time_limit.unwrap_or_default())),
+            }
+        };
+        match finished {
+            Ok(Ok(status)) => {
+                group.disarm();
+                Ok(ShellOutput {
+                    exit_code: exit_code(status),
+                    stdout: stdout.into_string(),
+                    stderr: stderr.into_string(),
+                })
+            }
+            Ok(Err(err)) => Err(TaskError::retryable(format!("waiting for {} failed: {err}", command.program))),
+            Err(stop) => {
+                group.terminate(&mut child, self.inner.kill_grace).await;
+                Err(match stop {
+                    Stop::Cancelled => TaskError::fatal(format!("{} stopped: task cancelled", command.program))
+                        .with_reason("cancelled"),
+                    Stop::TimedOut(limit) => TaskError::retryable(format!(
+                        "{} stopped: it ran longer than its timeout of {}",
+                        command.program,
+                        humantime::format_duration(limit)
+                    ))
+                    .with_reason("timeout"),
+                })
+            }
+        }
+    }
+}
+
+fn exit_error(program: &str, output: &ShellOutput, retryable: bool) -> TaskError {
     let mut tail = TailBuffer::new(MESSAGE_STDERR_BYTES);
     tail.push(output.stderr.trim_end().as_bytes());
     let tail = tail.into_string();
@@ -88,66 +256,8 @@ fn exit_error(program: &str, output: &ShellOutput) -> TaskError {
     } else {
         format!("{program} exited with code {}: {tail}", output.exit_code)
     };
-    TaskError::retryable(message).with_reason("exit_code")
-}
-
-async fn execute(command: &ShellCommand, ctx: &TaskContext) -> Result<ShellOutput, TaskError> {
-    if let Some(cwd) = &command.cwd
-        && !cwd.is_dir()
-    {
-        return Err(TaskError::fatal(format!(
-            "cannot run {}: working directory {} does not exist",
-            command.program,
-            cwd.display()
-        ))
-        .with_reason("spawn_failed"));
-    }
-    let mut cmd = Command::new(&command.program);
-    cmd.args(&command.args)
-        .envs(&command.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(cwd) = &command.cwd {
-        cmd.current_dir(cwd);
-    }
-    // Its own process group, so cancellation reaches every descendant.
-    #[cfg(unix)]
-    cmd.process_group(0);
-    let mut child = cmd.spawn().map_err(|err| spawn_error(&command.program, &err))?;
-    let pid = child.id();
-    tracing::debug!(task_id = ctx.task_id(), program = %command.program, ?pid, "spawned");
-    // Armed until the program exits on its own: cancellation, and the agent
-    // aborting this handler at shutdown, both end the whole group.
-    let mut group = ProcessGroup::new(pid);
-
-    let mut stdout = TailBuffer::new(MAX_STREAM_BYTES);
-    let mut stderr = TailBuffer::new(MAX_STREAM_BYTES);
-    let finished = {
-        let collect = collect(&mut child, &mut stdout, &mut stderr);
-        tokio::select! {
-            status = collect => Some(status),
-            () = ctx.cancelled() => None,
-        }
-    };
-    match finished {
-        Some(Ok(status)) => {
-            group.disarm();
-            Ok(ShellOutput { exit_code: exit_code(status), stdout: stdout.into_string(), stderr: stderr.into_string() })
-        }
-        Some(Err(err)) => Err(TaskError::retryable(format!("waiting for {} failed: {err}", command.program))),
-        None => {
-            group.kill();
-            if let Err(err) = child.start_kill() {
-                tracing::debug!("killing the program failed: {err}");
-            }
-            if tokio::time::timeout(REAP_WAIT, child.wait()).await.is_err() {
-                tracing::warn!(?pid, "killed process not reaped in time");
-            }
-            Err(TaskError::fatal(format!("{} killed: task cancelled", command.program)).with_reason("cancelled"))
-        }
-    }
+    let error = if retryable { TaskError::retryable(message) } else { TaskError::fatal(message) };
+    error.with_reason("exit_code")
 }
 
 /// A missing or unusable program will not appear on retry; other spawn
@@ -237,21 +347,82 @@ impl ProcessGroup {
         self.pgid = None;
     }
 
+    /// Sends SIGTERM to the group, waits up to `grace` for every member to
+    /// exit (reaping the leader meanwhile), then SIGKILLs whatever is left.
+    async fn terminate(&mut self, child: &mut Child, grace: Duration) {
+        let Some(pgid) = self.pgid else {
+            return;
+        };
+        signal_group(pgid, TERMINATE);
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut leader_reaped = false;
+        while tokio::time::Instant::now() < deadline {
+            if !leader_reaped {
+                if let Ok(Ok(_)) = tokio::time::timeout(GROUP_POLL, child.wait()).await {
+                    leader_reaped = true;
+                }
+            } else {
+                tokio::time::sleep(GROUP_POLL).await;
+            }
+            if leader_reaped && !group_alive(pgid) {
+                self.pgid = None;
+                return;
+            }
+        }
+        tracing::debug!(pgid, "process group outlived its grace period; killing it");
+        self.kill();
+        if let Err(err) = child.start_kill() {
+            tracing::debug!("killing the program failed: {err}");
+        }
+        if tokio::time::timeout(REAP_WAIT, child.wait()).await.is_err() {
+            tracing::warn!(pgid, "killed process not reaped in time");
+        }
+    }
+
     fn kill(&mut self) {
         let Some(pgid) = self.pgid.take() else {
             return;
         };
-        #[cfg(unix)]
-        {
-            // SAFETY: kill(2) takes plain integers and has no memory-safety
-            // preconditions; the negative pid addresses the process group.
-            let rc = unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            if rc != 0 {
-                tracing::debug!(pgid, "killing the process group failed: {}", io::Error::last_os_error());
-            }
+        signal_group(pgid, KILL);
+    }
+}
+
+#[cfg(unix)]
+const TERMINATE: i32 = libc::SIGTERM;
+#[cfg(unix)]
+const KILL: i32 = libc::SIGKILL;
+#[cfg(not(unix))]
+const TERMINATE: i32 = 15;
+#[cfg(not(unix))]
+const KILL: i32 = 9;
+
+fn signal_group(pgid: i32, signal: i32) {
+    #[cfg(unix)]
+    {
+        // SAFETY: kill(2) takes plain integers and has no memory-safety
+        // preconditions; the negative pid addresses the process group.
+        let rc = unsafe { libc::kill(-pgid, signal) };
+        if rc != 0 {
+            tracing::debug!(pgid, signal, "signalling the process group failed: {}", io::Error::last_os_error());
         }
-        #[cfg(not(unix))]
+    }
+    #[cfg(not(unix))]
+    let _ = (pgid, signal);
+}
+
+/// Whether any process of the group still exists (zombies count until
+/// their parent reaps them).
+fn group_alive(pgid: i32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: as in `signal_group`; signal 0 only checks for existence.
+        let rc = unsafe { libc::kill(-pgid, 0) };
+        rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
         let _ = pgid;
+        false
     }
 }
 
@@ -399,9 +570,10 @@ mod tests {
     #[test]
     fn exit_error_names_code_and_stderr_tail() {
         let output = ShellOutput { exit_code: 3, stdout: String::new(), stderr: "warning\nfatal: broken\n".to_owned() };
-        let err = exit_error("make", &output);
+        let err = exit_error("make", &output, true);
         assert_eq!(err.reason, "exit_code");
         assert!(err.retryable);
+        assert!(!exit_error("make", &output, false).retryable);
         assert_eq!(err.message, "make exited with code 3: warning\nfatal: broken");
     }
 

@@ -11,22 +11,44 @@
 //! The program is executed directly, never through a shell, so arguments
 //! need no quoting and cannot inject commands. The output is JSON:
 //! `{"exit_code": 0, "stdout": "...", "stderr": "..."}`, each stream cut to
-//! its last 64 KiB. A non-zero exit fails the attempt (retryable, reason
-//! `exit_code`); cancelling the task kills the program and everything it
-//! started.
+//! its last `max_output_bytes` (64 KiB by default). A non-zero exit fails the
+//! attempt (retryable, reason `exit_code`, unless the code is listed in
+//! `non_retryable_exit_codes`).
+//!
+//! The program runs in its own process group. Cancelling the task, or its
+//! execution timeout, sends SIGTERM to the whole group and SIGKILL after
+//! `kill_grace`, so nothing it started outlives it.
+//!
+//! Settings come from [`ShellAgentConfig::default`], a TOML file, the
+//! `MUSTER_SHELL_*` environment and flags ([`ShellArgs`]):
+//!
+//! ```toml
+//! kill_grace = "5s"
+//! timeout = "10m"
+//! max_output_bytes = 65536
+//! allowed_dirs = ["/srv/jobs"]
+//! inherit_env = false
+//! pass_env = ["PATH", "HOME"]
+//! non_retryable_exit_codes = [2]
+//! ```
 
 mod command;
+mod config;
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use muster_sdk::{Agent, Error};
 
 pub use crate::command::MAX_STREAM_BYTES;
+pub use crate::config::{ConfigError, ShellArgs, apply_file};
 
 /// The capability this agent serves.
 pub const CAPABILITY: &str = "shell";
 
 /// What the binary's flags configure; kept as a library type so tests and
 /// other binaries (`muster dev`) can start the same agent in-process.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShellAgentConfig {
     /// Server endpoint; several may be given separated by commas, tried in
     /// order (a highly available deployment).
@@ -38,16 +60,59 @@ pub struct ShellAgentConfig {
     /// Where to serve `/metrics` (port 0 picks one); announced to the
     /// server for discovery. `None` serves no metrics.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// After SIGTERM, how long the process group has before SIGKILL.
+    pub kill_grace: Duration,
+    /// The longest a command may run on this agent (the task's own deadline
+    /// applies too, whichever comes first); `None` leaves it to the task.
+    pub timeout: Option<Duration>,
+    /// How much of stdout and of stderr the output keeps (the tail).
+    pub max_output_bytes: usize,
+    /// Directories a command may run in, or below; empty means any. A task
+    /// naming no `cwd` runs in the first one.
+    pub allowed_dirs: Vec<PathBuf>,
+    /// Whether commands inherit the agent's environment; when false they get
+    /// only the variables named in `pass_env` plus the payload's `env`.
+    pub inherit_env: bool,
+    /// Variables passed on from the agent's environment when `inherit_env`
+    /// is false.
+    pub pass_env: Vec<String>,
+    /// Exit codes that fail the task for good instead of being retried.
+    pub non_retryable_exit_codes: Vec<i32>,
+}
+
+impl Default for ShellAgentConfig {
+    fn default() -> Self {
+        Self {
+            server: "http://127.0.0.1:7070".to_owned(),
+            name: "shell".to_owned(),
+            slots: 4,
+            kill_grace: Duration::from_secs(5),
+            timeout: None,
+            max_output_bytes: MAX_STREAM_BYTES,
+            allowed_dirs: Vec::new(),
+            inherit_env: true,
+            pass_env: Vec::new(),
+            non_retryable_exit_codes: Vec::new(),
+            metrics_listen: None,
+        }
+    }
 }
 
 /// Builds the shell agent; it advertises capability `shell` and the label
 /// `os=<operating system>`, so tasks can select the platform their command
 /// needs.
 pub fn build_agent(config: &ShellAgentConfig) -> Result<Agent, Error> {
+    if config.max_output_bytes == 0 {
+        return Err(Error::InvalidConfig("max_output_bytes: must be at least 1".to_owned()));
+    }
+    let runner = command::Runner::new(config).map_err(Error::InvalidConfig)?;
     let mut builder = Agent::builder(config.name.clone())
         .slots(config.slots)
         .label("os", std::env::consts::OS)
-        .handler(CAPABILITY, command::run);
+        .handler(CAPABILITY, move |ctx| {
+            let runner = runner.clone();
+            async move { runner.run(ctx).await }
+        });
     if let Some(address) = config.metrics_listen {
         builder = builder.metrics_listen(address);
     }
@@ -62,7 +127,12 @@ mod tests {
     use super::*;
 
     fn make_config(server: &str) -> ShellAgentConfig {
-        ShellAgentConfig { server: server.to_owned(), name: "shell-test".to_owned(), slots: 2, metrics_listen: None }
+        ShellAgentConfig {
+            server: server.to_owned(),
+            name: "shell-test".to_owned(),
+            slots: 2,
+            ..ShellAgentConfig::default()
+        }
     }
 
     #[test]

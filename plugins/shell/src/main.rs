@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use muster_shell_agent::{ShellAgentConfig, build_agent};
+use muster_shell_agent::{ShellAgentConfig, ShellArgs, build_agent};
 use tracing_subscriber::EnvFilter;
 
 /// The longest agent name the server accepts.
@@ -19,9 +19,12 @@ struct Args {
     /// Agent name shown in listings [default: shell-<hostname>].
     #[arg(long, env = "MUSTER_AGENT_NAME")]
     name: Option<String>,
-    /// How many commands run at once.
-    #[arg(long, env = "MUSTER_SLOTS", default_value_t = 4)]
-    slots: u32,
+    /// How many commands run at once [default: 4].
+    #[arg(long, env = "MUSTER_SLOTS")]
+    slots: Option<u32>,
+    /// Execution settings: TOML file, grace, limits, environment.
+    #[command(flatten)]
+    shell: ShellArgs,
     /// Serve Prometheus metrics at this address's /metrics (port 0 picks a
     /// free port); the address is announced to the server for discovery.
     #[arg(long, env = "MUSTER_METRICS_LISTEN")]
@@ -34,12 +37,17 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let args = Args::parse();
-    let config = ShellAgentConfig {
-        server: args.server,
-        name: args.name.unwrap_or_else(default_name),
-        slots: args.slots,
-        metrics_listen: args.metrics_listen,
-    };
+    let base = ShellAgentConfig { server: args.server, name: default_name(), ..ShellAgentConfig::default() };
+    let mut config = args.shell.apply(base)?;
+    if let Some(name) = args.name {
+        config.name = name;
+    }
+    if let Some(slots) = args.slots {
+        config.slots = slots;
+    }
+    if args.metrics_listen.is_some() {
+        config.metrics_listen = args.metrics_listen;
+    }
     let agent = build_agent(&config).context("invalid shell agent configuration")?;
     agent.run().await.context("shell agent failed")?;
     Ok(())
@@ -111,7 +119,7 @@ mod tests {
             assert_eq!(args.server, "http://127.0.0.1:7070");
         }
         if std::env::var_os("MUSTER_SLOTS").is_none() {
-            assert_eq!(args.slots, 4);
+            assert_eq!(args.slots, None);
         }
     }
 }

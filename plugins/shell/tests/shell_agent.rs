@@ -87,6 +87,13 @@ impl ScriptedSession {
 
 /// A registered session with a running shell agent.
 async fn spawn_shell_agent() -> anyhow::Result<(ScriptedSession, CancellationToken)> {
+    spawn_shell_agent_with(|_| {}).await
+}
+
+/// Like [`spawn_shell_agent`], with the configuration adjusted by `tweak`.
+async fn spawn_shell_agent_with(
+    tweak: impl FnOnce(&mut ShellAgentConfig),
+) -> anyhow::Result<(ScriptedSession, CancellationToken)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (sessions_tx, mut sessions) = mpsc::unbounded_channel();
@@ -95,12 +102,14 @@ async fn spawn_shell_agent() -> anyhow::Result<(ScriptedSession, CancellationTok
             .add_service(AgentServiceServer::new(ScriptedServer { sessions: sessions_tx }))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    let agent = build_agent(&ShellAgentConfig {
+    let mut config = ShellAgentConfig {
         server: format!("http://{address}"),
         name: "shell-test".to_owned(),
         slots: 2,
-        metrics_listen: None,
-    })?;
+        ..ShellAgentConfig::default()
+    };
+    tweak(&mut config);
+    let agent = build_agent(&config)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(agent.run_until(shutdown.clone()));
 
@@ -259,4 +268,183 @@ fn is_alive(pid: u32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// Assigns `script` under `sh -c` and waits until it wrote its leader and
+/// background pids to files in `dir`.
+#[cfg(target_os = "linux")]
+async fn start_script(
+    session: &mut ScriptedSession,
+    dir: &std::path::Path,
+    script: &str,
+) -> anyhow::Result<(u32, u32)> {
+    let leader_file = dir.join("leader.pid");
+    let child_file = dir.join("child.pid");
+    let script = format!("echo $$ > {}; {script} & echo $! > {}; wait", leader_file.display(), child_file.display());
+    session.assign("t1", &json!({"argv": ["sh", "-c", script]}));
+    match session.recv().await? {
+        agent_message::Msg::Accept(_) => {}
+        other => bail!("expected accept, got {other:?}"),
+    }
+    Ok((wait_for_pid(&leader_file).await?, wait_for_pid(&child_file).await?))
+}
+
+/// Live (non-zombie) processes whose process group is `pgid`.
+#[cfg(target_os = "linux")]
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
+                let Some((_, rest)) = stat.rsplit_once(')') else {
+                    return false;
+                };
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                // state, ppid, pgrp
+                fields.first().is_some_and(|state| *state != "Z" && *state != "X")
+                    && fields.get(2).and_then(|pgrp| pgrp.parse::<u32>().ok()) == Some(pgid)
+            })
+        })
+        .collect()
+}
+
+fn cancel(session: &ScriptedSession) {
+    session.send(server_message::Msg::Cancel(proto::CancelAttempt {
+        attempt: Some(proto::AttemptRef::new("t1", 1)),
+        reason: "cancelled".to_owned(),
+        grace: None,
+    }));
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_child_ignoring_sigterm_is_killed_after_the_grace_and_the_group_is_gone() -> anyhow::Result<()> {
+    let grace = Duration::from_millis(500);
+    let (mut session, shutdown) = spawn_shell_agent_with(|config| config.kill_grace = grace).await?;
+    let dir = tempfile::tempdir()?;
+    // SIG_IGN is inherited: both the shell and its background child ignore
+    // SIGTERM.
+    let (leader, child) = start_script(&mut session, dir.path(), "trap '' TERM; sleep 60").await?;
+    assert!(is_alive(child));
+    assert!(group_members(leader).len() >= 2, "the group runs before the cancel");
+
+    let cancelled_at = std::time::Instant::now();
+    cancel(&session);
+    let failure = expect_failure(session.recv().await?)?;
+    let took = cancelled_at.elapsed();
+    assert_eq!(failure.reason, "cancelled");
+    assert!(!failure.retryable);
+    assert!(took >= grace, "SIGKILL came only after the grace period ({took:?})");
+    assert!(took < grace + Duration::from_secs(5), "and soon after it ({took:?})");
+    assert!(!is_alive(child), "the child ignoring SIGTERM was killed");
+    assert_eq!(group_members(leader), Vec::<u32>::new(), "no process of the group remains");
+    shutdown.cancel();
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn cancel_sends_sigterm_first_so_a_cooperative_program_ends_before_the_grace() -> anyhow::Result<()> {
+    let grace = Duration::from_secs(30);
+    let (mut session, shutdown) = spawn_shell_agent_with(|config| config.kill_grace = grace).await?;
+    let dir = tempfile::tempdir()?;
+    let (leader, child) = start_script(&mut session, dir.path(), "sleep 60").await?;
+    let cancelled_at = std::time::Instant::now();
+    cancel(&session);
+    let failure = expect_failure(session.recv().await?)?;
+    assert_eq!(failure.reason, "cancelled");
+    assert!(cancelled_at.elapsed() < Duration::from_secs(10), "SIGTERM ended it without waiting for SIGKILL");
+    assert!(!is_alive(child));
+    assert_eq!(group_members(leader), Vec::<u32>::new());
+    shutdown.cancel();
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_agent_timeout_stops_the_group_with_reason_timeout() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent_with(|config| {
+        config.timeout = Some(Duration::from_millis(300));
+        config.kill_grace = Duration::from_millis(200);
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let (leader, child) = start_script(&mut session, dir.path(), "trap '' TERM; sleep 60").await?;
+    let failure = expect_failure(session.recv().await?)?;
+    assert_eq!(failure.reason, "timeout");
+    assert!(failure.retryable);
+    assert!(failure.message.contains("timeout"), "{}", failure.message);
+    assert!(!is_alive(child));
+    assert_eq!(group_members(leader), Vec::<u32>::new());
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn output_cap_holds_for_a_command_printing_far_more() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent_with(|config| config.max_output_bytes = 1000).await?;
+    // About 5 MB on each stream.
+    let script = "i=0; while [ $i -lt 50 ]; do head -c 100000 /dev/zero | tr '\\0' o; head -c 100000 /dev/zero | tr '\\0' e >&2; i=$((i+1)); done; echo END; echo ERR >&2";
+    let output = expect_complete(session.run("t1", &json!({"argv": ["sh", "-c", script]})).await?)?;
+    let stdout = output["stdout"].as_str().context("stdout")?;
+    let stderr = output["stderr"].as_str().context("stderr")?;
+    assert_eq!(stdout.len(), 1000);
+    assert_eq!(stderr.len(), 1000);
+    assert!(stdout.ends_with("ooEND\n"));
+    assert!(stderr.ends_with("eeERR\n"));
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn listed_exit_codes_fail_for_good() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent_with(|config| config.non_retryable_exit_codes = vec![2]).await?;
+    let failure = expect_failure(session.run("t1", &json!({"argv": ["sh", "-c", "exit 2"]})).await?)?;
+    assert_eq!(failure.reason, "exit_code");
+    assert!(!failure.retryable);
+    let failure = expect_failure(session.run("t2", &json!({"argv": ["sh", "-c", "exit 3"]})).await?)?;
+    assert!(failure.retryable);
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn working_dirs_outside_the_allowed_ones_are_refused() -> anyhow::Result<()> {
+    let allowed = tempfile::tempdir()?;
+    let inner = allowed.path().join("inner");
+    std::fs::create_dir(&inner)?;
+    let allowed_path = allowed.path().to_owned();
+    let (mut session, shutdown) =
+        spawn_shell_agent_with(move |config| config.allowed_dirs = vec![allowed_path]).await?;
+    let output = expect_complete(session.run("t1", &json!({"argv": ["pwd"], "cwd": inner})).await?)?;
+    assert_eq!(output["stdout"], format!("{}\n", inner.canonicalize()?.display()));
+    // No cwd: the first allowed directory.
+    let output = expect_complete(session.run("t2", &json!({"argv": ["pwd"]})).await?)?;
+    assert_eq!(output["stdout"], format!("{}\n", allowed.path().canonicalize()?.display()));
+    let outside = tempfile::tempdir()?;
+    let failure = expect_failure(session.run("t3", &json!({"argv": ["pwd"], "cwd": outside.path()})).await?)?;
+    assert_eq!(failure.reason, "cwd_not_allowed");
+    assert!(!failure.retryable);
+    assert!(failure.message.contains("allowed_dirs"), "{}", failure.message);
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_inherited_environment_only_passed_variables_remain() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent_with(|config| {
+        config.inherit_env = false;
+        config.pass_env = vec!["PATH".to_owned()];
+    })
+    .await?;
+    let payload = json!({"argv": ["sh", "-c", "env | cut -d= -f1 | sort | tr '\\n' ' '"], "env": {"EXTRA": "1"}});
+    let output = expect_complete(session.run("t1", &payload).await?)?;
+    let names: Vec<&str> = output["stdout"].as_str().context("stdout")?.split_whitespace().collect();
+    assert!(names.contains(&"PATH") && names.contains(&"EXTRA"), "{names:?}");
+    assert!(!names.contains(&"HOME") || std::env::var_os("HOME").is_none(), "{names:?}");
+    shutdown.cancel();
+    Ok(())
 }
