@@ -586,6 +586,7 @@ impl Runtime {
             attempt = key.1,
             capability = %assignment.capability,
         );
+        crate::trace::adopt(&span, &assignment.trace_context);
         let assignment_capability = assignment.capability.clone();
         let context = TaskContext::new(assignment, attempt, token.clone(), self.progress_tx.clone());
         // The handler is called inside the task so a panic while building

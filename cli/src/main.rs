@@ -3,6 +3,7 @@
 
 mod output;
 mod serve;
+mod telemetry;
 
 use std::time::{Duration, SystemTime};
 
@@ -163,13 +164,6 @@ enum AgentCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -177,13 +171,25 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let service = match cli.command {
+        Command::Serve(_) | Command::Dev { .. } => "muster-server",
+        Command::ShellAgent { .. } => "muster-agent",
+        Command::Task(_) | Command::Agent(_) => "muster-cli",
+    };
+    let telemetry = {
+        let _runtime = runtime.enter();
+        telemetry::Telemetry::init(service)
+    };
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", output::describe(&e));
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // The exporter sends through the runtime, so flush before dropping it.
+    telemetry.shutdown();
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {

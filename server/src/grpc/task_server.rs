@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::convert;
 use crate::config::ServerConfig;
@@ -74,7 +75,11 @@ impl pb::task_service_server::TaskService for TaskHandler {
             .enumerate()
             .map(|(i, spec)| convert::task_spec(spec, &self.config).map_err(|e| e.in_field(&format!("tasks[{i}]"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let created = self.core.call(|reply| Command::Submit { specs, reply }).await?;
+        let span = tracing::info_span!("muster.submit", tasks = specs.len());
+        if let Some(spec) = specs.first() {
+            crate::trace_context::adopt(&span, &spec.trace_context);
+        }
+        let created = self.core.call(|reply| Command::Submit { specs, reply }).instrument(span).await?;
         Ok(Response::new(pb::SubmitResponse {
             existing: created.iter().map(|(_, existing)| *existing).collect(),
             tasks: created.iter().map(|(task, _)| convert::task_to_pb(task)).collect(),
