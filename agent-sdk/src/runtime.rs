@@ -585,6 +585,7 @@ impl Runtime {
             task_id = %key.0,
             attempt = key.1,
             capability = %assignment.capability,
+            trace_id = tracing::field::Empty,
         );
         crate::trace::adopt(&span, &assignment.trace_context);
         let assignment_capability = assignment.capability.clone();

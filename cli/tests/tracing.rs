@@ -97,15 +97,16 @@ async fn submit_scheduling_and_handler_spans_share_the_clients_trace_id_across_p
     let _default = tracing::subscriber::set_default(subscriber);
 
     let data = tempfile::tempdir()?;
+    let server_log = data.path().join("server.log");
     let mut server = Process {
         child: Command::new(muster_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
-            .env("RUST_LOG", "info")
+            .arg(data.path().join("store"))
+            .env("RUST_LOG", "info,muster_server=debug")
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&server_log)?)
             .spawn()?,
     };
     let mut line = String::new();
@@ -145,5 +146,11 @@ async fn submit_scheduling_and_handler_spans_share_the_clients_trace_id_across_p
         }
     })
     .await;
+    // Logs inside the task's spans carry its trace id.
+    let log = std::fs::read_to_string(&server_log)?;
+    assert!(
+        log.lines().any(|l| l.contains("assignment sent") && l.contains(&trace_id)),
+        "no assignment log line with trace id {trace_id}:\n{log}"
+    );
     Ok(())
 }

@@ -27,9 +27,12 @@ pub(crate) fn parent(trace_context: &BTreeMap<String, String>) -> Option<Context
     context.is_valid().then(|| Context::new().with_remote_span_context(context))
 }
 
-/// Makes `span` a child of the task's submitter span, when it has one.
+/// Records the trace id in `span`'s `trace_id` field (declare it
+/// `Empty`) and makes `span` a child of the task's submitter span, when it has one.
 pub(crate) fn adopt(span: &tracing::Span, trace_context: &BTreeMap<String, String>) {
     if let Some(parent) = parent(trace_context) {
+        // Logs inside the span show the trace id, exporter or not.
+        span.record("trace_id", tracing::field::display(parent.span().span_context().trace_id()));
         // Fails only when the span is disabled; then there is nothing to link.
         let _ = span.set_parent(parent);
     }

@@ -90,6 +90,7 @@ async fn forward(mut from_core: mpsc::UnboundedReceiver<ToAgent>, outbound: Outb
                 attempt = task.attempt,
                 queue = %task.spec.queue,
                 capability = %task.spec.capability,
+                trace_id = tracing::field::Empty,
             );
             crate::trace_context::adopt(&span, &task.spec.trace_context);
             span.in_scope(|| tracing::debug!("assignment sent"));

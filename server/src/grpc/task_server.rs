@@ -75,7 +75,7 @@ impl pb::task_service_server::TaskService for TaskHandler {
             .enumerate()
             .map(|(i, spec)| convert::task_spec(spec, &self.config).map_err(|e| e.in_field(&format!("tasks[{i}]"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let span = tracing::info_span!("muster.submit", tasks = specs.len());
+        let span = tracing::info_span!("muster.submit", tasks = specs.len(), trace_id = tracing::field::Empty);
         if let Some(spec) = specs.first() {
             crate::trace_context::adopt(&span, &spec.trace_context);
         }
