@@ -366,3 +366,21 @@ fn thresholds_are_stripped_only_from_the_end_of_an_alert_expression() {
     assert_eq!(without_threshold("a > 0 unless on (c) b > 0.25").as_deref(), Some("a > 0 unless on (c) b"));
     assert_eq!(without_threshold("rate(x[5m])"), None);
 }
+
+#[tokio::test]
+async fn state_gauges_describe_the_stored_backlog_after_a_restart() -> TestResult {
+    let mut server = spawn_server().await;
+    let client = server.client().await;
+    for _ in 0..3 {
+        client.submit(NewTask::new("gpu").queue("render").build()).await?;
+    }
+    server.server.take().unwrap().shutdown().await?;
+
+    let restarted = muster_server::start(make_config(server.dir.path()), muster_sdk::CancellationToken::new()).await?;
+    let (status, text) = http_get(&restarted.http_addr().to_string(), "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(text.contains("muster_queue_backlog{capability=\"gpu\",queue=\"render\"} 3"), "{text}");
+    assert!(text.contains("muster_tasks{state=\"queued\"} 3"), "{text}");
+    restarted.shutdown().await?;
+    Ok(())
+}
