@@ -275,6 +275,11 @@ async fn prometheus_scrapes_server_and_agents_and_every_dashboard_and_rule_query
     let (status, server_metrics) = http_get(&http.to_string(), "/metrics").await?;
     assert_eq!(status, 200);
     assert!(server_metrics.contains("muster_tasks_lost_total{"), "{server_metrics}");
+    assert!(
+        server_metrics
+            .contains("muster_grpc_requests_total{code=\"NOT_FOUND\",method=\"/muster.v1.TaskService/GetTask\"} 1"),
+        "the gRPC layer counts the failed call by method and code: {server_metrics}"
+    );
     promtool_check_metrics(&server_metrics, "server");
     let (_, sd) = http_get(&http.to_string(), "/sd/agents").await?;
     let sd: serde_json::Value = serde_json::from_str(&sd)?;
