@@ -26,6 +26,10 @@ struct Cli {
     /// How results are printed.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// Export trace spans over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317); off when unset.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -178,7 +182,7 @@ fn main() -> std::process::ExitCode {
     };
     let telemetry = {
         let _runtime = runtime.enter();
-        telemetry::Telemetry::init(service)
+        telemetry::Telemetry::init(service, cli.otlp_endpoint.as_deref())
     };
     let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,

@@ -1,17 +1,16 @@
 //! Logging and tracing for the `muster` binary: `tracing-subscriber` to
 //! stderr (filtered by `RUST_LOG`), plus an OpenTelemetry layer exporting
-//! spans over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the
-//! exporter reads the standard `OTEL_EXPORTER_OTLP_*` variables itself).
+//! spans over OTLP/gRPC when an endpoint is configured (`--otlp-endpoint`
+//! or the standard `OTEL_EXPORTER_OTLP_ENDPOINT`; the exporter reads the
+//! other `OTEL_EXPORTER_OTLP_*` variables itself).
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-
-/// The standard variable that switches the exporter on.
-const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
 /// Keeps the exporter alive; [`Telemetry::shutdown`] flushes it.
 #[derive(Debug)]
@@ -23,16 +22,15 @@ impl Telemetry {
     /// Sets up the global subscriber for a process calling itself
     /// `service` (`service.name` in exported spans). Must run inside the
     /// Tokio runtime: the exporter's channel lives there.
-    pub(crate) fn init(service: &'static str) -> Self {
+    pub(crate) fn init(service: &'static str, endpoint: Option<&str>) -> Self {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         let registry = tracing_subscriber::registry().with(filter).with(fmt);
-        let enabled = std::env::var(OTLP_ENDPOINT).is_ok_and(|v| !v.trim().is_empty());
-        if !enabled {
+        let Some(endpoint) = endpoint.map(str::trim).filter(|e| !e.is_empty()) else {
             registry.init();
             return Self { provider: None };
-        }
-        match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+        };
+        match opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build() {
             Ok(exporter) => {
                 let provider = SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
@@ -44,7 +42,7 @@ impl Telemetry {
             }
             Err(e) => {
                 registry.init();
-                tracing::warn!("{OTLP_ENDPOINT} is set but the OTLP exporter could not start: {e}");
+                tracing::warn!(%endpoint, "the OTLP exporter could not start, traces are not exported: {e}");
                 Self { provider: None }
             }
         }
