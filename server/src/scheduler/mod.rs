@@ -31,50 +31,16 @@ pub(crate) type AgentTx = mpsc::UnboundedSender<ToAgent>;
 /// Requests to the scheduler.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Submit {
-        specs: Vec<TaskSpec>,
-        reply: Reply<Vec<(Task, bool)>>,
-    },
-    Cancel {
-        id: TaskId,
-        reason: String,
-        reply: Reply<Task>,
-    },
-    Retry {
-        id: TaskId,
-        reply: Reply<Task>,
-    },
-    Register {
-        registration: Registration,
-        tx: AgentTx,
-        reply: Reply<(AgentId, u64)>,
-    },
-    Report {
-        agent: AgentId,
-        conn: u64,
-        report: AgentReport,
-    },
-    Disconnected {
-        agent: AgentId,
-        conn: u64,
-    },
-    ListAgents {
-        capability: Option<String>,
-        reply: Reply<Vec<AgentInfo>>,
-    },
-    GetAgent {
-        id: AgentId,
-        reply: Reply<AgentInfo>,
-    },
-    SetDraining {
-        id: AgentId,
-        draining: bool,
-        reply: Reply<AgentInfo>,
-    },
-    /// Live counts for the metrics gauges, computed at scrape time.
-    Snapshot {
-        reply: Reply<crate::metrics::Snapshot>,
-    },
+    Submit { specs: Vec<TaskSpec>, reply: Reply<Vec<(Task, bool)>> },
+    Cancel { id: TaskId, reason: String, reply: Reply<Task> },
+    Retry { id: TaskId, reply: Reply<Task> },
+    Register { registration: Registration, tx: AgentTx, reply: Reply<(AgentId, u64)> },
+    Report { agent: AgentId, conn: u64, report: AgentReport },
+    Disconnected { agent: AgentId, conn: u64 },
+    ListAgents { capability: Option<String>, reply: Reply<Vec<AgentInfo>> },
+    GetAgent { id: AgentId, reply: Reply<AgentInfo> },
+    SetDraining { id: AgentId, draining: bool, reply: Reply<AgentInfo> },
+    Snapshot { reply: Reply<crate::metrics::Snapshot> },
 }
 
 /// Messages from the scheduler to one agent session.
