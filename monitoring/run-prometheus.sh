@@ -23,4 +23,9 @@ sed -e "s#127.0.0.1:7071#${server}#g" \
     "$here/prometheus/prometheus.yml" > "$work/prometheus.yml"
 echo "Prometheus on http://${listen} scraping muster at ${server} (agents via http://${server}/sd/agents)"
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
-    --web.listen-address="$listen" --log.level=warn
+    --web.listen-address="$listen" --log.level=warn &
+pid=$!
+# Stopping the script stops Prometheus too, then removes its data.
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
+wait "$pid"

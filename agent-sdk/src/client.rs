@@ -46,14 +46,22 @@ impl Client {
     }
 
     /// Submits one task and returns it as created (or, with an idempotency
-    /// key already in use, the existing task).
+    /// key already in use, the existing task). Carries the current span's
+    /// trace context like [`submit_many`](Self::submit_many).
     pub async fn submit(&self, spec: proto::TaskSpec) -> Result<proto::Task, Error> {
         let response = self.submit_many(vec![spec]).await?;
         response.tasks.into_iter().next().ok_or_else(|| Error::Protocol("submit response holds no task".to_owned()))
     }
 
     /// Submits several tasks atomically: all are created or none is.
-    pub async fn submit_many(&self, specs: Vec<proto::TaskSpec>) -> Result<proto::SubmitResponse, Error> {
+    ///
+    /// Each spec without a `traceparent` gets the current `tracing` span's
+    /// (when an OpenTelemetry layer is installed), so the server's and the
+    /// handler's spans join the submitter's trace.
+    pub async fn submit_many(&self, mut specs: Vec<proto::TaskSpec>) -> Result<proto::SubmitResponse, Error> {
+        for spec in &mut specs {
+            crate::trace::inject(&mut spec.trace_context);
+        }
         let request = proto::SubmitRequest { tasks: specs };
         Ok(self.tasks.clone().submit(request).await?.into_inner())
     }

@@ -32,6 +32,7 @@ mod error;
 mod metrics;
 mod runtime;
 mod task;
+mod trace;
 
 pub use muster_proto::pb as proto;
 /// The Prometheus client the agent's registry comes from, so custom metrics

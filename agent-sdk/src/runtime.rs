@@ -585,7 +585,9 @@ impl Runtime {
             task_id = %key.0,
             attempt = key.1,
             capability = %assignment.capability,
+            trace_id = tracing::field::Empty,
         );
+        crate::trace::adopt(&span, &assignment.trace_context);
         let assignment_capability = assignment.capability.clone();
         let context = TaskContext::new(assignment, attempt, token.clone(), self.progress_tx.clone());
         // The handler is called inside the task so a panic while building

@@ -4,6 +4,7 @@
 mod bench;
 mod output;
 mod serve;
+mod telemetry;
 mod workflow;
 
 use std::time::{Duration, SystemTime};
@@ -27,6 +28,10 @@ struct Cli {
     /// How results are printed.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// Export trace spans over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317); off when unset.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,15 +184,6 @@ enum AgentCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The bench runs thousands of agents in this process: only problems.
-    let default_level = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -195,13 +191,28 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let service = match cli.command {
+        Command::Serve(_) | Command::Dev { .. } => "muster-server",
+        Command::ShellAgent { .. } => "muster-agent",
+        Command::Task(_) | Command::Agent(_) | Command::Workflow(_) | Command::Queue(_) => "muster-cli",
+        Command::Bench(_) => "muster-bench",
+    };
+    // The bench runs thousands of agents in this process: only problems.
+    let level = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" };
+    let telemetry = {
+        let _runtime = runtime.enter();
+        telemetry::Telemetry::init(service, level, cli.otlp_endpoint.as_deref())
+    };
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", output::describe(&e));
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // The exporter sends through the runtime, so flush before dropping it.
+    telemetry.shutdown();
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {

@@ -275,6 +275,11 @@ async fn prometheus_scrapes_server_and_agents_and_every_dashboard_and_rule_query
     let (status, server_metrics) = http_get(&http.to_string(), "/metrics").await?;
     assert_eq!(status, 200);
     assert!(server_metrics.contains("muster_tasks_lost_total{"), "{server_metrics}");
+    assert!(
+        server_metrics
+            .contains("muster_grpc_requests_total{code=\"NOT_FOUND\",method=\"/muster.v1.TaskService/GetTask\"} 1"),
+        "the gRPC layer counts the failed call by method and code: {server_metrics}"
+    );
     promtool_check_metrics(&server_metrics, "server");
     let (_, sd) = http_get(&http.to_string(), "/sd/agents").await?;
     let sd: serde_json::Value = serde_json::from_str(&sd)?;
@@ -365,4 +370,22 @@ fn thresholds_are_stripped_only_from_the_end_of_an_alert_expression() {
     assert_eq!(without_threshold("max(x) > 600").as_deref(), Some("max(x)"));
     assert_eq!(without_threshold("a > 0 unless on (c) b > 0.25").as_deref(), Some("a > 0 unless on (c) b"));
     assert_eq!(without_threshold("rate(x[5m])"), None);
+}
+
+#[tokio::test]
+async fn state_gauges_describe_the_stored_backlog_after_a_restart() -> TestResult {
+    let mut server = spawn_server().await;
+    let client = server.client().await;
+    for _ in 0..3 {
+        client.submit(NewTask::new("gpu").queue("render").build()).await?;
+    }
+    server.server.take().unwrap().shutdown().await?;
+
+    let restarted = muster_server::start(make_config(server.dir.path()), muster_sdk::CancellationToken::new()).await?;
+    let (status, text) = http_get(&restarted.http_addr().to_string(), "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(text.contains("muster_queue_backlog{capability=\"gpu\",queue=\"render\"} 3"), "{text}");
+    assert!(text.contains("muster_tasks{state=\"queued\"} 3"), "{text}");
+    restarted.shutdown().await?;
+    Ok(())
 }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 mod scheduler;
 pub mod store;
+mod trace_context;
 pub mod validate;
 
 use std::net::SocketAddr;

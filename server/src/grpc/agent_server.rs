@@ -82,6 +82,19 @@ async fn forward(mut from_core: mpsc::UnboundedReceiver<ToAgent>, outbound: Outb
             }
         };
         let Some(message) = message else { return };
+        if let ToAgent::Assign(task, _) = &message {
+            // The scheduling step of the submitter's trace.
+            let span = tracing::info_span!(
+                "muster.assign",
+                task_id = %task.id,
+                attempt = task.attempt,
+                queue = %task.spec.queue,
+                capability = %task.spec.capability,
+                trace_id = tracing::field::Empty,
+            );
+            crate::trace_context::adopt(&span, &task.spec.trace_context);
+            span.in_scope(|| tracing::debug!("assignment sent"));
+        }
         let item = convert::server_message(message);
         let closing = item.is_err();
         if outbound.send(item).await.is_err() || closing {

@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::convert;
 use crate::config::ServerConfig;
@@ -98,7 +99,11 @@ impl pb::task_service_server::TaskService for TaskHandler {
             .enumerate()
             .map(|(i, spec)| convert::submission(spec, &self.config).map_err(|e| e.in_field(&format!("tasks[{i}]"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let outcome = self.core.call(|reply| Command::Submit { submissions, reply }).await?;
+        let span = tracing::info_span!("muster.submit", tasks = submissions.len(), trace_id = tracing::field::Empty);
+        if let Some(submission) = submissions.first() {
+            crate::trace_context::adopt(&span, &submission.spec.trace_context);
+        }
+        let outcome = self.core.call(|reply| Command::Submit { submissions, reply }).instrument(span).await?;
         Ok(Response::new(pb::SubmitResponse {
             existing: outcome.tasks.iter().map(|(_, existing)| *existing).collect(),
             tasks: outcome.tasks.iter().map(|(task, _)| convert::task_to_pb(task)).collect(),

@@ -34,67 +34,20 @@ pub(crate) type AgentTx = mpsc::UnboundedSender<ToAgent>;
 /// Requests to the scheduler.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Submit {
-        submissions: Vec<Submission>,
-        reply: Reply<SubmitOutcome>,
-    },
-    CancelWorkflow {
-        id: WorkflowId,
-        reason: String,
-        reply: Reply<Vec<TaskId>>,
-    },
-    Explain {
-        id: TaskId,
-        reply: Reply<Explanation>,
-    },
-    ListQueues {
-        reply: Reply<Vec<QueueInfo>>,
-    },
-    SetQueue {
-        name: String,
-        change: QueueChange,
-        reply: Reply<QueueInfo>,
-    },
-    Cancel {
-        id: TaskId,
-        reason: String,
-        reply: Reply<Task>,
-    },
-    Retry {
-        id: TaskId,
-        reply: Reply<Task>,
-    },
-    Register {
-        registration: Registration,
-        tx: AgentTx,
-        reply: Reply<(AgentId, u64)>,
-    },
-    Report {
-        agent: AgentId,
-        conn: u64,
-        report: AgentReport,
-    },
-    Disconnected {
-        agent: AgentId,
-        conn: u64,
-    },
-    ListAgents {
-        capability: Option<String>,
-        reply: Reply<Vec<AgentInfo>>,
-    },
-    GetAgent {
-        id: AgentId,
-        reply: Reply<AgentInfo>,
-    },
-    SetDraining {
-        id: AgentId,
-        draining: bool,
-        reply: Reply<AgentInfo>,
-    },
-    /// Live counts for the metrics gauges, computed at scrape time.
-    Snapshot {
-        reply: Reply<crate::metrics::Snapshot>,
-    },
+    Submit { submissions: Vec<Submission>, reply: Reply<SubmitOutcome> },
+    CancelWorkflow { id: WorkflowId, reason: String, reply: Reply<Vec<TaskId>> },
+    Explain { id: TaskId, reply: Reply<Explanation> },
+    ListQueues { reply: Reply<Vec<QueueInfo>> },
+    SetQueue { name: String, change: QueueChange, reply: Reply<QueueInfo> },
+    Cancel { id: TaskId, reason: String, reply: Reply<Task> },
+    Retry { id: TaskId, reply: Reply<Task> },
+    Register { registration: Registration, tx: AgentTx, reply: Reply<(AgentId, u64)> },
+    Report { agent: AgentId, conn: u64, report: AgentReport },
+    Disconnected { agent: AgentId, conn: u64 },
+    ListAgents { capability: Option<String>, reply: Reply<Vec<AgentInfo>> },
+    GetAgent { id: AgentId, reply: Reply<AgentInfo> },
+    SetDraining { id: AgentId, draining: bool, reply: Reply<AgentInfo> },
+    Snapshot { reply: Reply<crate::metrics::Snapshot> },
 }
 
 /// What a submit created.
