@@ -103,6 +103,18 @@ impl RunningServer {
     }
 }
 
+/// Accepted gRPC connections with `TCP_NODELAY` set: tonic's own setting
+/// applies only to listeners it binds, and without it small replies wait
+/// for the peer's delayed ACK (tens of milliseconds per message).
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
 /// Opens the sled store in `config.data_dir` and starts serving.
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
     config.validate()?;
@@ -187,7 +199,7 @@ pub async fn start_with_store(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming(grpc_listener), shutdown.clone().cancelled_owned());
     let http = axum::serve(http_listener, http::router(http::HttpState { shutdown: shutdown.clone(), core, metrics }))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
