@@ -193,6 +193,11 @@ pub struct Limits {
     /// Longest free-text message (failure, progress, cancel reason); longer
     /// agent text is truncated, longer client text is rejected.
     pub max_message_len: usize,
+    /// Log kept per attempt (text plus a small per-line overhead); older
+    /// lines are dropped first, and the drops are counted.
+    pub max_log_bytes_per_attempt: usize,
+    /// Longest log line; longer lines are cut.
+    pub max_log_line_bytes: usize,
 }
 
 impl Default for Limits {
@@ -217,6 +222,8 @@ impl Default for Limits {
             max_dependencies_per_task: 10_000,
             max_locks_per_task: 16,
             max_message_len: 4096,
+            max_log_bytes_per_attempt: 256 << 10,
+            max_log_line_bytes: 16 << 10,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 mod grpc;
 mod http;
+mod logs;
 pub mod metrics;
 pub mod model;
 mod scheduler;
@@ -155,6 +156,8 @@ pub async fn start_with_store(
         shutdown.clone(),
     )?;
     let scheduler = tokio::spawn(scheduler::driver::run_core(core, command_rx, outboxes, shutdown.clone()));
+    let log_hub = Arc::new(logs::LogHub::new(store.clone(), &config.limits, metrics.clone()));
+    let log_persister = tokio::spawn(logs::run_persister(log_hub.clone(), events.subscribe(), shutdown.clone()));
     let core = CoreHandle::new(commands);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -171,11 +174,12 @@ pub async fn start_with_store(
     let tasks = TaskHandler {
         core: core.clone(),
         store: store.clone(),
+        logs: log_hub.clone(),
         events,
         config: config.clone(),
         shutdown: shutdown.clone(),
     };
-    let agents = AgentHandler { core: core.clone(), config: config.clone(), shutdown: shutdown.clone() };
+    let agents = AgentHandler { core: core.clone(), logs: log_hub, config: config.clone(), shutdown: shutdown.clone() };
     let fleet = FleetHandler { core: core.clone(), config: config.clone() };
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -209,6 +213,9 @@ pub async fn start_with_store(
         let (grpc, http) = tokio::join!(grpc, async { http.await });
         token.cancel();
         let _ = scheduler.await;
+        // Live tails are written before the writer's last flush makes them
+        // durable.
+        let _ = log_persister.await;
         // The scheduler is gone, so the writer's queue closes: it drains,
         // flushes and ends.
         tokio::task::spawn_blocking(move || writer.join())

@@ -55,6 +55,12 @@ pub(crate) const SLOTS_BUSY: &str = "muster_slots_busy";
 pub(crate) const STORE_BATCH_SIZE: &str = "muster_store_batch_writes";
 /// Time to apply (and in sync mode flush) one batch.
 pub(crate) const STORE_COMMIT: &str = "muster_store_commit_seconds";
+/// Log lines agents sent, by what became of them.
+pub(crate) const LOG_LINES: &str = "muster_task_log_lines_total";
+/// The `result` values of [`LOG_LINES`], always exported.
+const LOG_LINE_RESULTS: [&str; 3] = ["received", "dropped", "ignored"];
+/// Memory held by live log tails.
+pub(crate) const LOG_TAIL_BYTES: &str = "muster_task_log_tail_bytes";
 /// gRPC requests finished.
 pub(crate) const GRPC_REQUESTS: &str = "muster_grpc_requests_total";
 /// gRPC request latency (stream lifetime for streaming calls).
@@ -74,6 +80,8 @@ pub(crate) mod label {
     pub(crate) const METHOD: &str = "method";
     /// A gRPC status code name (`OK`, `NOT_FOUND`, …).
     pub(crate) const CODE: &str = "code";
+    /// What became of log lines: `received`, `dropped`, `ignored`.
+    pub(crate) const RESULT: &str = "result";
 }
 
 /// `outcome` of an attempt whose agent was lost.
@@ -211,6 +219,8 @@ pub struct Metrics {
     store_commit: Histogram,
     grpc_requests: IntCounterVec,
     grpc_duration: HistogramVec,
+    log_lines: IntCounterVec,
+    log_tail_bytes: IntGauge,
     /// Serialises scrapes: each resets and refills the state gauges.
     render: Mutex<()>,
 }
@@ -307,9 +317,23 @@ impl Metrics {
                 &[METHOD, CODE],
                 &LATENCY_BUCKETS,
             )?,
+            log_lines: counter(
+                LOG_LINES,
+                "Task log lines: received from agents, dropped (by an agent or from a full tail), or ignored \
+                 (sent for an attempt the session does not hold).",
+                &[RESULT],
+            )?,
+            log_tail_bytes: {
+                let g = IntGauge::new(LOG_TAIL_BYTES, "Memory held by the log tails of live attempts.")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             render: Mutex::new(()),
             registry,
         };
+        for result in LOG_LINE_RESULTS {
+            metrics.log_lines.with_label_values(&[result]);
+        }
         Ok(Arc::new(metrics))
     }
 
@@ -322,6 +346,20 @@ impl Metrics {
     pub(crate) fn observe_commit(&self, writes: usize, took: Duration) {
         self.store_batch.observe(writes as f64);
         self.store_commit.observe(took.as_secs_f64());
+    }
+
+    /// Counts log lines by what became of them.
+    pub(crate) fn count_log_lines(&self, received: u64, dropped: u64, ignored: u64) {
+        for (result, n) in LOG_LINE_RESULTS.into_iter().zip([received, dropped, ignored]) {
+            if n > 0 {
+                self.log_lines.with_label_values(&[result]).inc_by(n);
+            }
+        }
+    }
+
+    /// Sets the memory held by live log tails.
+    pub(crate) fn set_log_tail_bytes(&self, bytes: usize) {
+        self.log_tail_bytes.set(bytes as i64);
     }
 
     /// Records one finished gRPC call.

@@ -68,15 +68,21 @@ pub fn text(field: &str, value: &str, limits: &Limits) -> Result<(), Error> {
 /// Free text from an agent: truncated rather than rejected, so a long
 /// error message never loses the report it belongs to.
 pub fn clip(mut value: String, limits: &Limits) -> String {
-    if value.len() > limits.max_message_len {
-        let mut end = limits.max_message_len;
+    cut(&mut value, limits.max_message_len);
+    value
+}
+
+/// Cuts `value` to at most `max` bytes at a character boundary, marking the
+/// cut with `…`.
+pub(crate) fn cut(value: &mut String, max: usize) {
+    if value.len() > max {
+        let mut end = max;
         while !value.is_char_boundary(end) {
             end -= 1;
         }
         value.truncate(end);
         value.push('…');
     }
-    value
 }
 
 fn truncate(value: &str, max: usize) -> String {

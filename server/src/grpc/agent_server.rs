@@ -5,8 +5,14 @@
 //! messages into scheduler commands, and a forwarder that turns scheduler
 //! messages into the response stream. A malformed message, a flood or a
 //! foreign report ends this session only.
+//!
+//! Log lines skip the scheduler: the reader hands them to the log hub. They
+//! are fenced by the session itself: it accepts lines only for attempts the
+//! forwarder assigned to it (or that a resumed registration kept), until the
+//! agent reports the attempt's result.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use muster_proto::pb;
@@ -20,7 +26,8 @@ use tracing::{debug, warn};
 use super::convert;
 use crate::config::ServerConfig;
 use crate::error::Error;
-use crate::model::AgentId;
+use crate::logs::LogHub;
+use crate::model::{AgentId, AgentReport, TaskId};
 use crate::scheduler::{Command, CoreHandle, ToAgent};
 
 /// How long a new stream may take to send its `register`.
@@ -30,8 +37,19 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub(crate) struct AgentHandler {
     pub(crate) core: CoreHandle,
+    pub(crate) logs: Arc<LogHub>,
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) shutdown: CancellationToken,
+}
+
+/// The attempts a session may send log lines for.
+#[derive(Debug, Default)]
+struct Granted(Mutex<HashSet<(TaskId, u32)>>);
+
+impl Granted {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<(TaskId, u32)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 type Outbound = mpsc::Sender<Result<pb::ServerMessage, Status>>;
@@ -61,18 +79,29 @@ impl pb::agent_service_server::AgentService for AgentHandler {
             _ => return Err(Status::invalid_argument("msg: the first message of a session must be register")),
         };
         let registration = convert::registration(register, &self.config)?;
+        let held = registration.held_attempts.clone();
         let (to_agent, from_core) = mpsc::unbounded_channel();
         let (agent, conn) = self.core.call(|reply| Command::Register { registration, tx: to_agent, reply }).await?;
         let (outbound, response) = mpsc::channel(256);
-        tokio::spawn(forward(from_core, outbound.clone(), self.shutdown.clone()));
-        tokio::spawn(read(inbound, agent, conn, self.core.clone(), self.config.clone(), outbound));
+        let granted = Arc::new(Granted::default());
+        tokio::spawn(forward(from_core, outbound.clone(), held, granted.clone(), self.shutdown.clone()));
+        let session = Session { agent, conn, core: self.core.clone(), logs: self.logs.clone(), granted };
+        tokio::spawn(read(inbound, session, self.config.clone(), outbound));
         Ok(Response::new(ReceiverStream::new(response)))
     }
 }
 
 /// Scheduler messages to the wire, until the scheduler lets go of the
-/// session, closes it, or the client goes away.
-async fn forward(mut from_core: mpsc::UnboundedReceiver<ToAgent>, outbound: Outbound, shutdown: CancellationToken) {
+/// session, closes it, or the client goes away. Grants log lines for every
+/// attempt it hands over: `held` (the attempts the registration claimed)
+/// minus the ones the scheduler dropped, then each assignment.
+async fn forward(
+    mut from_core: mpsc::UnboundedReceiver<ToAgent>,
+    outbound: Outbound,
+    held: Vec<(TaskId, u32)>,
+    granted: Arc<Granted>,
+    shutdown: CancellationToken,
+) {
     loop {
         let message = tokio::select! {
             message = from_core.recv() => message,
@@ -82,7 +111,11 @@ async fn forward(mut from_core: mpsc::UnboundedReceiver<ToAgent>, outbound: Outb
             }
         };
         let Some(message) = message else { return };
+        if let ToAgent::Registered { dropped, .. } = &message {
+            granted.set().extend(held.iter().filter(|attempt| !dropped.contains(attempt)));
+        }
         if let ToAgent::Assign(task, _) = &message {
+            granted.set().insert((task.id, task.attempt));
             // The scheduling step of the submitter's trace.
             let span = tracing::info_span!(
                 "muster.assign",
@@ -103,15 +136,42 @@ async fn forward(mut from_core: mpsc::UnboundedReceiver<ToAgent>, outbound: Outb
     }
 }
 
-/// Inbound messages to scheduler commands, with a per-session rate limit.
-async fn read(
-    mut inbound: Streaming<pb::AgentMessage>,
+/// One session as its reader sees it.
+#[derive(Debug)]
+struct Session {
     agent: AgentId,
     conn: u64,
     core: CoreHandle,
+    logs: Arc<LogHub>,
+    granted: Arc<Granted>,
+}
+
+impl Session {
+    /// Hands log lines of a granted attempt to the hub; lines of any other
+    /// attempt are counted and ignored.
+    fn log(&self, log: pb::LogLines) -> Result<(), Error> {
+        let (task, attempt) = convert::attempt_ref("log.attempt", log.attempt)?;
+        if !self.granted.set().contains(&(task, attempt)) {
+            debug!(agent = %self.agent, task_id = %task, attempt, "log lines for an attempt this session does not hold");
+            self.logs.ignored(log.lines.len());
+            return Ok(());
+        }
+        if let Err(error) = self.logs.append(task, attempt, log.lines, log.dropped) {
+            warn!(agent = %self.agent, task_id = %task, attempt, %error, "log lines lost");
+        }
+        Ok(())
+    }
+}
+
+/// Inbound messages to scheduler commands (and log lines to the hub), with
+/// a per-session rate limit.
+async fn read(
+    mut inbound: Streaming<pb::AgentMessage>,
+    session: Session,
     config: Arc<ServerConfig>,
     outbound: Outbound,
 ) {
+    let Session { agent, conn, .. } = session;
     let mut bucket = TokenBucket::new(config.limits.max_agent_messages_per_second);
     loop {
         let received = tokio::select! {
@@ -135,9 +195,24 @@ async fn read(
             let _ = outbound.send(Err(error.into())).await;
             break;
         }
+        let message = match message.msg {
+            Some(pb::agent_message::Msg::Log(log)) => match session.log(log) {
+                Ok(()) => continue,
+                Err(error) => {
+                    warn!(agent = %agent, %error, "closing a session that sent a malformed message");
+                    let _ = outbound.send(Err(error.into())).await;
+                    break;
+                }
+            },
+            msg => pb::AgentMessage { msg },
+        };
         match convert::report(message, &config) {
             Ok(report) => {
-                if core.send(Command::Report { agent, conn, report }).await.is_err() {
+                if let AgentReport::Complete(task, attempt, ..) | AgentReport::Fail(task, attempt, _) = &report {
+                    // The result ends the attempt's log.
+                    session.granted.set().remove(&(*task, *attempt));
+                }
+                if session.core.send(Command::Report { agent, conn, report }).await.is_err() {
                     break;
                 }
             }
@@ -148,7 +223,7 @@ async fn read(
             }
         }
     }
-    let _ = core.send(Command::Disconnected { agent, conn }).await;
+    let _ = session.core.send(Command::Disconnected { agent, conn }).await;
 }
 
 /// Allows `rate` messages per second on average, with bursts of twice that.

@@ -439,7 +439,7 @@ pub(crate) fn agent_to_pb(info: &AgentInfo) -> pb::Agent {
     }
 }
 
-fn attempt_ref(field: &str, r: Option<pb::AttemptRef>) -> Result<(TaskId, u32), Error> {
+pub(crate) fn attempt_ref(field: &str, r: Option<pb::AttemptRef>) -> Result<(TaskId, u32), Error> {
     let r = r.ok_or_else(|| Error::invalid(field, "is required"))?;
     let id = task_id(&format!("{field}.task_id"), &r.task_id)?;
     if r.attempt == 0 {
@@ -523,6 +523,8 @@ pub(crate) fn report(message: pb::AgentMessage, config: &ServerConfig) -> Result
         Some(Msg::Register(_)) => Err(Error::invalid("register", "a session registers once, in its first message")),
         Some(Msg::Heartbeat(_)) => Ok(AgentReport::Heartbeat),
         Some(Msg::Drain(_)) => Ok(AgentReport::DrainSelf),
+        // Log lines go to the log hub from the session reader.
+        Some(Msg::Log(_)) => Err(Error::invalid("log", "log lines are not a scheduler report")),
         Some(Msg::Accept(a)) => {
             let (id, attempt) = attempt_ref("accept.attempt", a.attempt)?;
             Ok(AgentReport::Accept(id, attempt))

@@ -6,4 +6,5 @@ pub(crate) mod convert;
 pub(crate) mod fleet_server;
 pub(crate) mod metrics_layer;
 mod status;
+mod task_logs;
 pub(crate) mod task_server;

@@ -13,8 +13,10 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::convert;
+use super::task_logs::{self, LogRequest};
 use crate::config::ServerConfig;
 use crate::error::Error;
+use crate::logs::LogHub;
 use crate::model::{EventKind, TaskEvent, TaskFilter, TaskId, TaskState, WorkflowId};
 use crate::scheduler::{Command, CoreHandle};
 use crate::store::Store;
@@ -30,6 +32,7 @@ const REPLAY_CHUNK: usize = 1000;
 pub(crate) struct TaskHandler {
     pub(crate) core: CoreHandle,
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) logs: Arc<LogHub>,
     pub(crate) events: broadcast::Sender<TaskEvent>,
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) shutdown: CancellationToken,
@@ -219,6 +222,29 @@ impl pb::task_service_server::TaskService for TaskHandler {
     }
 
     type WatchTasksStream = ReceiverStream<Result<pb::TaskEvent, Status>>;
+    type GetTaskLogsStream = ReceiverStream<Result<pb::TaskLogs, Status>>;
+
+    async fn get_task_logs(
+        &self,
+        request: Request<pb::GetTaskLogsRequest>,
+    ) -> Result<Response<Self::GetTaskLogsStream>, Status> {
+        let request = request.into_inner();
+        let request = LogRequest {
+            task: convert::task_id("task_id", &request.task_id)?,
+            attempt: Some(request.attempt).filter(|a| *a > 0),
+            follow: request.follow,
+        };
+        let store = self.store.clone();
+        let id = request.task;
+        if blocking(move || store.task(id).map_err(Error::from)).await?.is_none() {
+            return Err(Error::NotFound(format!("task {id} not found")).into());
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let (store, hub, events, shutdown) =
+            (self.store.clone(), self.logs.clone(), self.events.clone(), self.shutdown.clone());
+        tokio::spawn(async move { task_logs::stream(store, hub, &events, request, tx, shutdown).await });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn watch_tasks(
         &self,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{Store, StoreError, Write};
-use crate::model::{AgentId, AgentRecord, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
+use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
 
 /// A [`Store`] that lives and dies with the process.
 #[derive(Debug, Default)]
@@ -22,6 +22,7 @@ struct Inner {
     keys: BTreeMap<String, TaskId>,
     queues: BTreeMap<String, QueueRecord>,
     workflows: BTreeMap<(WorkflowId, TaskId), ()>,
+    logs: BTreeMap<(TaskId, u32), AttemptLog>,
 }
 
 impl MemoryStore {
@@ -127,5 +128,14 @@ impl Store for MemoryStore {
 
     fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError> {
         Ok(self.lock().keys.iter().map(|(k, v)| (k.clone(), *v)).collect())
+    }
+
+    fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError> {
+        self.lock().logs.insert((log.task_id, log.attempt), log.clone());
+        Ok(())
+    }
+
+    fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError> {
+        Ok(self.lock().logs.get(&(task, attempt)).cloned())
     }
 }

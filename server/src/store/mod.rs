@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 pub use memory::MemoryStore;
 pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 
-use crate::model::{AgentId, AgentRecord, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
+use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
 
 /// A failure of the storage engine or of a stored record.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn queues(&self) -> Result<Vec<QueueRecord>, StoreError>;
     /// The ids of a workflow's tasks, in id order.
     fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError>;
+    /// Inserts or replaces the log of one attempt. Logs live apart from the
+    /// task records: they are written by the log hub, not the writer, and
+    /// are made durable by the next flush.
+    fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError>;
+    /// The log of one attempt.
+    fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError>;
 }
 
 /// Record encoding: a format version byte, then MessagePack with field

@@ -4,11 +4,15 @@
 //! Keys: `t`+id → task, `u`+id → unfinished marker, `e`+seq → event,
 //! `a`+id → agent, `k`+key → task id, `q`+name → queue settings,
 //! `w`+workflow id+task id → workflow membership.
+//!
+//! Attempt logs live in a second tree, `logs` (task id + attempt → log),
+//! so their larger records never share leaves with the task records the
+//! scheduler rewrites on every transition.
 
 use std::path::Path;
 
 use super::{Store, StoreError, Write, decode, encode};
-use crate::model::{AgentRecord, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
+use crate::model::{AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
 
 const TASK: u8 = b't';
 const UNFINISHED: u8 = b'u';
@@ -25,6 +29,7 @@ const WORKFLOW: u8 = b'w';
 pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
+    logs: sled::Tree,
 }
 
 fn engine(e: sled::Error) -> StoreError {
@@ -35,6 +40,13 @@ fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + id.len());
     k.push(prefix);
     k.extend_from_slice(id);
+    k
+}
+
+fn log_key(task: TaskId, attempt: u32) -> [u8; 20] {
+    let mut k = [0; 20];
+    k[..16].copy_from_slice(&task.to_bytes());
+    k[16..].copy_from_slice(&attempt.to_be_bytes());
     k
 }
 
@@ -65,7 +77,8 @@ impl SledStore {
             .open()
             .map_err(engine)?;
         let tree = db.open_tree("muster").map_err(engine)?;
-        Ok(Self { db, tree })
+        let logs = db.open_tree("logs").map_err(engine)?;
+        Ok(Self { db, tree, logs })
     }
 
     fn scan_prefix<T>(
@@ -218,5 +231,13 @@ impl Store for SledStore {
                 v.as_ref().try_into().map_err(|_| StoreError::Codec("bad idempotency value".into()))?;
             Ok((name, TaskId::from_bytes(bytes)))
         })
+    }
+
+    fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError> {
+        self.logs.insert(log_key(log.task_id, log.attempt), encode(log)?).map(|_| ()).map_err(engine)
+    }
+
+    fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError> {
+        self.logs.get(log_key(task, attempt)).map_err(engine)?.map(|v| decode(&v)).transpose()
     }
 }

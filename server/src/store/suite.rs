@@ -136,6 +136,15 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
     store.write(&[Write::Task(member.clone())])?;
     assert_eq!(store.workflow_tasks(workflow)?, vec![member.id]);
     assert!(store.workflow_tasks(WorkflowId(Ulid::new()))?.is_empty());
+
+    let line = LogLine { position: 3, at: 5, stream: LogStream::Stderr, text: "boom".into() };
+    let mut log = AttemptLog { task_id: queued.id, attempt: 2, lines: vec![line], dropped: 2, next_position: 4 };
+    store.put_log(&log)?;
+    log.dropped = 7;
+    store.put_log(&log)?;
+    assert_eq!(store.log(queued.id, 2)?, Some(log.clone()));
+    assert_eq!(store.log(queued.id, 1)?, None);
+    assert_eq!(store.log(done.id, 2)?, None);
     Ok(())
 }
 
@@ -155,5 +164,7 @@ fn sled_store_passes_the_suite_and_keeps_data_across_reopen() -> Result<(), Box<
     assert_eq!(store.last_sequence()?, 3);
     assert_eq!(store.unfinished_tasks()?.len(), 2, "the queued task and the workflow member");
     assert_eq!(store.queues()?.len(), 1);
+    let logged = store.tasks_after(None, 10, false)?.into_iter().find_map(|t| store.log(t.id, 2).transpose());
+    assert_eq!(logged.transpose()?.map(|log| log.dropped), Some(7));
     Ok(())
 }
