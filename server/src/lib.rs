@@ -147,17 +147,19 @@ pub async fn start_with_store(
     let (outboxes, outbox_rx) = mpsc::channel(WRITER_QUEUE);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let metrics = metrics::Metrics::new()?;
+    let (log_hub, ended_logs) = logs::LogHub::new(store.clone(), &config.limits, metrics.clone());
+    let log_hub = Arc::new(log_hub);
     let writer = scheduler::driver::spawn_writer(
         store.clone(),
         config.durability,
         outbox_rx,
         events.clone(),
         metrics.clone(),
+        log_hub.clone(),
         shutdown.clone(),
     )?;
     let scheduler = tokio::spawn(scheduler::driver::run_core(core, command_rx, outboxes, shutdown.clone()));
-    let log_hub = Arc::new(logs::LogHub::new(store.clone(), &config.limits, metrics.clone()));
-    let log_persister = tokio::spawn(logs::run_persister(log_hub.clone(), events.subscribe(), shutdown.clone()));
+    let log_persister = tokio::spawn(logs::run_persister(log_hub.clone(), ended_logs, shutdown.clone()));
     let core = CoreHandle::new(commands);
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -10,10 +10,12 @@
 //! (dropped by the agent's full buffer, or from the tail to stay within
 //! `max_log_bytes_per_attempt`), so a reader sees a gap as a count.
 //!
-//! The hub learns that an attempt ended from the committed event stream.
-//! Should that stream lag, or lines arrive for an attempt that already
-//! ended (an agent still sending after a timeout), a periodic sweep
-//! compares the tails it holds with the stored tasks.
+//! The hub learns that an attempt ended from the store writer, which shows
+//! it every committed event ([`LogHub::note_event`]: one atomic load while
+//! nothing logs); the persister task then writes the tail. Should lines
+//! arrive for an attempt that already ended (an agent still sending after
+//! a timeout), a periodic sweep compares the tails it holds with the
+//! stored tasks.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use muster_proto::pb;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -46,6 +48,22 @@ pub(crate) struct LogHub {
     /// while nobody logs.
     live: AtomicUsize,
     state: Mutex<State>,
+    /// Tasks with a tail that may have ended, for the persister.
+    ended: mpsc::UnboundedSender<Ended>,
+}
+
+/// An event that may have ended attempts of a task with a live tail.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ended {
+    task: TaskId,
+    attempt: u32,
+    active: bool,
+}
+
+impl Ended {
+    fn covers(self, attempt: u32) -> bool {
+        attempt < self.attempt || (attempt == self.attempt && !self.active)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -125,15 +143,23 @@ pub(crate) enum AppendError {
 }
 
 impl LogHub {
-    pub(crate) fn new(store: Arc<dyn Store>, limits: &Limits, metrics: Arc<Metrics>) -> Self {
-        Self {
+    /// A hub and the queue its persister ([`run_persister`]) drains.
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        limits: &Limits,
+        metrics: Arc<Metrics>,
+    ) -> (Self, mpsc::UnboundedReceiver<Ended>) {
+        let (ended, ended_rx) = mpsc::unbounded_channel();
+        let hub = Self {
             store,
             tail_bytes: limits.max_log_bytes_per_attempt,
             line_bytes: limits.max_log_line_bytes,
             metrics,
             live: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
-        }
+            ended,
+        };
+        (hub, ended_rx)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -262,14 +288,22 @@ impl LogHub {
         }
     }
 
-    /// Persists the tails an event shows ended.
-    pub(crate) fn on_event(&self, event: &TaskEvent) {
+    /// Called by the store writer with every committed event: queues the
+    /// task for the persister when the event ended an attempt it holds a
+    /// tail of. Never touches the store.
+    pub(crate) fn note_event(&self, event: &TaskEvent) {
         if self.live.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let active = event.state.is_active();
-        let last = event.attempt;
-        self.persist(event.task_id, |attempt| attempt < last || (attempt == last && !active));
+        let ended = Ended { task: event.task_id, attempt: event.attempt, active: event.state.is_active() };
+        let holds = self
+            .lock()
+            .tasks
+            .get(&event.task_id)
+            .is_some_and(|logs| logs.attempts.keys().any(|attempt| ended.covers(*attempt)));
+        if holds {
+            let _ = self.ended.send(ended);
+        }
     }
 
     /// Persists every held tail whose attempt the store shows ended; catches
@@ -379,21 +413,14 @@ impl Drop for Follower {
 /// Settles tails as attempts end, until shutdown; then writes what is left.
 pub(crate) async fn run_persister(
     hub: Arc<LogHub>,
-    mut events: broadcast::Receiver<TaskEvent>,
+    mut ended: mpsc::UnboundedReceiver<Ended>,
     shutdown: CancellationToken,
 ) {
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            received = events.recv() => match received {
-                Ok(event) => hub.on_event(&event),
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    debug!(missed, "log persister lagged behind the event stream; sweeping");
-                    hub.sweep();
-                }
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
+            Some(ended) = ended.recv() => hub.persist(ended.task, |attempt| ended.covers(attempt)),
             _ = sweep.tick() => hub.sweep(),
             () = shutdown.cancelled() => break,
         }
@@ -412,10 +439,16 @@ mod tests {
     use crate::store::{MemoryStore, Write, test_task};
 
     fn hub(tail_bytes: usize) -> (Arc<LogHub>, Arc<MemoryStore>) {
+        let (hub, store, _) = hub_with_queue(tail_bytes);
+        (hub, store)
+    }
+
+    fn hub_with_queue(tail_bytes: usize) -> (Arc<LogHub>, Arc<MemoryStore>, mpsc::UnboundedReceiver<Ended>) {
         let store = Arc::new(MemoryStore::new());
         let limits = Limits { max_log_bytes_per_attempt: tail_bytes, max_log_line_bytes: 8, ..Limits::default() };
         let metrics = Metrics::new().expect("metrics");
-        (Arc::new(LogHub::new(store.clone(), &limits, metrics)), store)
+        let (hub, ended) = LogHub::new(store.clone(), &limits, metrics);
+        (Arc::new(hub), store, ended)
     }
 
     fn lines(texts: &[&str]) -> Vec<pb::LogLine> {
@@ -443,7 +476,7 @@ mod tests {
 
     #[test]
     fn ended_attempts_move_to_the_store_and_continue_from_there() {
-        let (hub, store) = hub(1 << 20);
+        let (hub, store, mut queue) = hub_with_queue(1 << 20);
         let mut task = test_task();
         task.state = TaskState::Running;
         task.attempt = 1;
@@ -452,9 +485,14 @@ mod tests {
         hub.sweep();
         assert!(hub.read(task.id, 1, 0).expect("read").live, "a running attempt stays in memory");
 
-        let mut event = crate::store::test_event(1, &Task { state: TaskState::Queued, ..task.clone() });
+        let mut event = crate::store::test_event(1, &Task { state: TaskState::Running, ..task.clone() });
         event.attempt = 1;
-        hub.on_event(&event);
+        hub.note_event(&event);
+        assert!(queue.try_recv().is_err(), "a running attempt has not ended");
+        event.state = TaskState::Queued;
+        hub.note_event(&event);
+        let ended = queue.try_recv().expect("the retry ended attempt 1");
+        hub.persist(ended.task, |attempt| ended.covers(attempt));
         let read = hub.read(task.id, 1, 0).expect("read");
         assert!(!read.live);
         assert_eq!(texts(&read), vec![(1, "one"), (2, "two")]);

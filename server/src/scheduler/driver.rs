@@ -18,6 +18,7 @@ use tracing::{debug, error};
 use super::core::Core;
 use super::{Command, Effect, Outbox};
 use crate::config::Durability;
+use crate::logs::LogHub;
 use crate::metrics::{EventObserver, Metrics};
 use crate::model::TaskEvent;
 use crate::store::{Store, Write};
@@ -65,13 +66,15 @@ pub(crate) async fn run_core(
 }
 
 /// The writer thread: group commit, then effects. It also feeds the
-/// lifecycle metrics, from the events of each batch once it is durable.
+/// lifecycle metrics and the log hub, from the events of each batch once it
+/// is durable.
 pub(crate) fn spawn_writer(
     store: Arc<dyn Store>,
     durability: Durability,
     mut outboxes: mpsc::Receiver<Outbox>,
     events: broadcast::Sender<TaskEvent>,
     metrics: Arc<Metrics>,
+    logs: Arc<LogHub>,
     on_failure: CancellationToken,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("muster-writer".into()).spawn(move || {
@@ -110,6 +113,7 @@ pub(crate) fn spawn_writer(
                     }
                     Effect::Publish(event) => {
                         observer.observe(&event);
+                        logs.note_event(&event);
                         let _ = events.send(event);
                     }
                 }
