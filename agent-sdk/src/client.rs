@@ -88,6 +88,22 @@ impl Client {
         Ok(stream.map_err(Error::Status).boxed())
     }
 
+    /// Streams the log lines agents sent for task `id`, attempt by attempt
+    /// in chunks of consecutive lines; `attempt` 0 means every attempt.
+    ///
+    /// The server keeps a bounded tail per attempt: a chunk's `dropped`
+    /// counts the lines lost right before it (dropped by the server's tail
+    /// or by the agent's full buffer) and `first_line` numbers its first
+    /// line, counting lost ones. Without `follow` the stream ends after the
+    /// lines kept now; with it, new lines arrive as agents send them and the
+    /// stream ends once the task is finished and its last attempt's log is
+    /// complete (a chunk with `complete` set). Read it with
+    /// [`message`](tonic::Streaming::message) or as a `Stream`.
+    pub async fn logs(&self, id: &str, attempt: u32, follow: bool) -> Result<tonic::Streaming<proto::TaskLogs>, Error> {
+        let request = proto::GetTaskLogsRequest { task_id: id.to_owned(), attempt, follow };
+        Ok(self.tasks.clone().get_task_logs(request).await?.into_inner())
+    }
+
     /// Asks a task to stop; `reason` is recorded as the failure message.
     pub async fn cancel(&self, id: &str, reason: &str) -> Result<proto::Task, Error> {
         let request = proto::CancelTaskRequest { id: id.to_owned(), reason: reason.to_owned() };

@@ -25,7 +25,8 @@ pub(crate) struct Session {
     pub(crate) endpoint: String,
     /// Messages to the server. Unbounded so the session owner never blocks
     /// on a slow network while the server waits for it to read; the volume is
-    /// bounded by the work the server hands out and by the progress channel.
+    /// bounded by the work the server hands out, the progress throttle and
+    /// the log buffers' caps and throttle.
     outbound: mpsc::UnboundedSender<proto::AgentMessage>,
     /// Messages from the server.
     pub(crate) inbound: Streaming<proto::ServerMessage>,

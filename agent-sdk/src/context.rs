@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::proto;
+use crate::logs::{LogSink, LogWriter, split_lines};
+use crate::proto::{self, LogStream};
 
 /// Longest progress message sent to the server, in bytes; longer messages are
 /// cut at a character boundary so a chatty handler cannot get the session
@@ -44,6 +45,7 @@ struct ContextInner {
     parent_outputs: Vec<proto::ParentOutput>,
     token: CancellationToken,
     progress: mpsc::Sender<ProgressReport>,
+    logs: LogSink,
 }
 
 /// A progress report on its way from a handler to the session owner.
@@ -57,12 +59,13 @@ pub(crate) struct ProgressReport {
 
 impl TaskContext {
     /// Builds the context of one assignment; `token` fires when the attempt
-    /// must stop.
+    /// must stop, and its log lines go to `logs`.
     pub(crate) fn new(
         assignment: proto::Assignment,
         attempt: proto::AttemptRef,
         token: CancellationToken,
         progress: mpsc::Sender<ProgressReport>,
+        logs: LogSink,
     ) -> Self {
         let priority = assignment.priority();
         let deadline = assignment.deadline.and_then(|deadline| SystemTime::try_from(deadline).ok());
@@ -81,6 +84,7 @@ impl TaskContext {
                 parent_outputs: assignment.parent_outputs,
                 token,
                 progress,
+                logs,
             }),
         }
     }
@@ -183,6 +187,35 @@ impl TaskContext {
         if let Err(err) = self.inner.progress.try_send(report) {
             tracing::debug!(task_id = %self.inner.task_id, "progress report dropped: {err}");
         }
+    }
+
+    /// Adds a line to this attempt's live log (stream `log`), viewable with
+    /// `muster task logs ID --follow` and [`Client::logs`](crate::Client::logs).
+    ///
+    /// Text with newlines becomes several lines (a trailing newline and a
+    /// `\r` ending a line are dropped), and lines are cut to 16 KiB. Never
+    /// blocks and never fails the handler: lines wait in a per-attempt
+    /// buffer (1 MiB) that the agent sends in batches a few times a second,
+    /// and keeps through a disconnection; when it is full the oldest lines
+    /// are dropped, and the log shows how many. Lines logged before the
+    /// handler returns reach the server before its result.
+    pub fn log(&self, line: impl Into<String>) {
+        self.log_stream(LogStream::Log, line);
+    }
+
+    /// Like [`log`](Self::log), marking the lines as coming from `stream`:
+    /// [`LogStream::Stdout`] and [`LogStream::Stderr`] for a child
+    /// process's output (`Unspecified` counts as `Log`).
+    pub fn log_stream(&self, stream: LogStream, line: impl Into<String>) {
+        self.inner.logs.push(stream, split_lines(line.into()));
+    }
+
+    /// A writer that turns bulk output into log lines of `stream`, for
+    /// copying a child process's output or handing to code that writes to
+    /// an [`std::io::Write`] or [`tokio::io::AsyncWrite`]. It holds an
+    /// unfinished last line until a newline, a flush, or its drop.
+    pub fn log_writer(&self, stream: LogStream) -> LogWriter {
+        LogWriter::new(self.inner.logs.clone(), stream)
     }
 
     /// A token that fires when this attempt must stop (cancel requested,
@@ -331,13 +364,16 @@ mod tests {
 
     fn make_context(payload: &[u8]) -> (TaskContext, mpsc::Receiver<ProgressReport>) {
         let (tx, rx) = mpsc::channel(4);
+        let (log_tx, _log_rx) = mpsc::channel(4);
+        let dropped = prometheus::IntCounter::new("dropped_total", "Dropped.").unwrap_or_else(|e| panic!("{e}"));
+        let logs = LogSink::new(("t1".to_owned(), 2), log_tx, dropped);
         let assignment = proto::Assignment {
             capability: "echo".to_owned(),
             payload: payload.to_vec(),
             content_type: "application/json".to_owned(),
             ..proto::Assignment::default()
         };
-        let context = TaskContext::new(assignment, proto::AttemptRef::new("t1", 2), CancellationToken::new(), tx);
+        let context = TaskContext::new(assignment, proto::AttemptRef::new("t1", 2), CancellationToken::new(), tx, logs);
         (context, rx)
     }
 
@@ -409,6 +445,29 @@ mod tests {
         for percent in 0..20 {
             context.progress(percent, "step").await;
         }
+    }
+
+    #[test]
+    fn log_lines_go_to_the_attempts_buffer_split_and_tagged() {
+        let (context, _rx) = make_context(b"");
+        context.log("one\ntwo\n");
+        context.log_stream(LogStream::Stderr, "three\r");
+        let mut writer = context.log_writer(LogStream::Stdout);
+        std::io::Write::write_all(&mut writer, b"four\nfi").unwrap_or_default();
+        drop(writer);
+        let (lines, dropped) = context.inner.logs.take().unwrap_or_default();
+        let lines: Vec<(LogStream, &str)> = lines.iter().map(|line| (line.stream(), line.text.as_str())).collect();
+        assert_eq!(
+            lines,
+            [
+                (LogStream::Log, "one"),
+                (LogStream::Log, "two"),
+                (LogStream::Stderr, "three"),
+                (LogStream::Stdout, "four"),
+                (LogStream::Stdout, "fi"),
+            ]
+        );
+        assert_eq!(dropped, 0);
     }
 
     #[test]

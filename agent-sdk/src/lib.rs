@@ -5,13 +5,15 @@
 //!
 //! - [`Agent`] runs handlers. Build one with [`Agent::builder`], register a
 //!   handler per capability, and [`run`](Agent::run) it. The runtime keeps
-//!   one gRPC stream to the server, accepts assignments, streams progress,
-//!   reports results until they are acknowledged, reconnects and resumes its
+//!   one gRPC stream to the server, accepts assignments, streams progress
+//!   and live log lines ([`TaskContext::log`], [`LogWriter`]), reports
+//!   results until they are acknowledged, reconnects and resumes its
 //!   session after network trouble, stops its work if it cannot reach the
 //!   server for the lease TTL (the server will have reassigned it), and
 //!   drains on SIGTERM.
 //! - [`Client`] submits tasks ([`NewTask`] builds their specs), reads,
-//!   watches, cancels and retries them, and drains or resumes agents.
+//!   watches, cancels and retries them, follows their logs, and drains or
+//!   resumes agents.
 //!
 //! Execution is at-least-once: a handler may run again for the same task
 //! after a crash or a lost lease, so side effects should be keyed by
@@ -29,12 +31,15 @@ mod connect;
 mod context;
 mod endpoint;
 mod error;
+mod logs;
 mod metrics;
 mod runtime;
 mod task;
 mod trace;
 
 pub use muster_proto::pb as proto;
+/// Where a log line came from; see [`TaskContext::log_stream`].
+pub use muster_proto::pb::LogStream;
 /// The Prometheus client the agent's registry comes from, so custom metrics
 /// use the same version.
 pub use prometheus;
@@ -44,4 +49,5 @@ pub use crate::agent::{Agent, AgentBuilder};
 pub use crate::client::Client;
 pub use crate::context::{Output, TaskContext, TaskError};
 pub use crate::error::Error;
+pub use crate::logs::LogWriter;
 pub use crate::task::NewTask;

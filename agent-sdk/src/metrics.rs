@@ -23,6 +23,8 @@ pub(crate) const SLOTS: &str = "muster_agent_slots";
 pub(crate) const CONNECTED: &str = "muster_agent_connected";
 /// Sessions re-established after the first registration.
 pub(crate) const RECONNECTS: &str = "muster_agent_reconnects_total";
+/// Log lines dropped before sending because their attempt's buffer was full.
+pub(crate) const LOG_LINES_DROPPED: &str = "muster_agent_log_lines_dropped_total";
 
 /// Label names and values.
 pub(crate) mod label {
@@ -54,6 +56,7 @@ pub(crate) struct AgentMetrics {
     pub(crate) slots: IntGauge,
     pub(crate) connected: IntGauge,
     pub(crate) reconnects: IntCounter,
+    pub(crate) log_lines_dropped: IntCounter,
 }
 
 impl AgentMetrics {
@@ -74,8 +77,13 @@ impl AgentMetrics {
         registry.register(Box::new(slots_busy.clone()))?;
         registry.register(Box::new(slots.clone()))?;
         registry.register(Box::new(connected.clone()))?;
+        let log_lines_dropped = IntCounter::new(
+            LOG_LINES_DROPPED,
+            "Log lines dropped before sending because their attempt's buffer was full.",
+        )?;
         registry.register(Box::new(reconnects.clone()))?;
-        Ok(Self { registry, tasks, handler_duration, slots_busy, slots, connected, reconnects })
+        registry.register(Box::new(log_lines_dropped.clone()))?;
+        Ok(Self { registry, tasks, handler_duration, slots_busy, slots, connected, reconnects, log_lines_dropped })
     }
 
     /// Creates the zero series of every outcome of `capability`, so rates

@@ -1,7 +1,8 @@
 //! The session owner: one task holds all agent state and reacts to the
 //! server, the handlers, the timers and the shutdown token in one
 //! `tokio::select!` loop. Handlers never touch this state; they report
-//! through the progress channel and their join handles.
+//! through the progress channel, their attempts' log buffers and their join
+//! handles.
 //!
 //! Invariants:
 //! - A result (`Complete`/`Fail`) stays in `unacked` until the server answers
@@ -11,6 +12,12 @@
 //!   can still wait for them.
 //! - Without contact for the lease TTL the agent stops everything it holds:
 //!   the server has given that work to someone else.
+//! - An attempt's log lines go out in the order they were logged, each at
+//!   most once, and all of them before its result on the same stream (the
+//!   server accepts no lines of an attempt after its result). Lines are
+//!   sent at most once per `LOG_INTERVAL` per attempt, except at the end of
+//!   the attempt and after reconnecting. Lines of a discarded attempt are
+//!   dropped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -30,12 +37,10 @@ use crate::backoff::jittered;
 use crate::connect::{ConnectFailure, Session, leader_redirect, open_session, server_message_kind};
 use crate::context::{Output, ProgressReport, TaskContext, TaskError};
 use crate::error::error_chain;
+use crate::logs::{AttemptKey, LogSink, batches};
 use crate::metrics::{AgentMetrics, label as metric_label};
 use crate::proto::{self, agent_message::Msg, server_message};
 use crate::task::from_proto_duration;
-
-/// One attempt of one task: `(task_id, attempt)`.
-type AttemptKey = (String, u32);
 
 type ConnectResult = Result<(Session, proto::Registered), ConnectFailure>;
 type ConnectFuture = Pin<Box<dyn Future<Output = ConnectResult> + Send>>;
@@ -53,6 +58,13 @@ const PROGRESS_BUFFER: usize = 1024;
 /// between are coalesced (the latest wins), so a chatty handler cannot push
 /// its session over the server's message rate limit.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// Least time between two sends of one attempt's log lines: lines logged in
+/// between are batched, so a handler logging 100,000 lines a second costs a
+/// handful of messages, far below the server's message rate limit.
+const LOG_INTERVAL: Duration = Duration::from_millis(100);
+/// Attempts whose log buffer became non-empty, queued for the session
+/// owner; each attempt has at most one entry queued per drain.
+const LOG_NOTIFY_BUFFER: usize = 1024;
 /// Consecutive redirects followed without backoff, so two servers that each
 /// name the other cannot spin the agent.
 const MAX_REDIRECTS: u32 = 3;
@@ -80,20 +92,61 @@ struct RunningAttempt {
     progress_sent_at: Option<Instant>,
     /// The latest report held back by the progress throttle.
     pending_progress: Option<(u32, String)>,
+    /// Lines the handler logged and the agent has not sent yet.
+    logs: LogSink,
+    /// When log lines were last sent for this attempt.
+    logs_sent_at: Option<Instant>,
 }
 
 impl RunningAttempt {
-    fn new(token: CancellationToken, capability: String) -> Self {
-        Self { token, capability, cause: None, started: Instant::now(), progress_sent_at: None, pending_progress: None }
+    fn new(token: CancellationToken, capability: String, logs: LogSink) -> Self {
+        Self {
+            token,
+            capability,
+            cause: None,
+            started: Instant::now(),
+            progress_sent_at: None,
+            pending_progress: None,
+            logs,
+            logs_sent_at: None,
+        }
     }
 
     fn cancel(&mut self, cause: CancelCause) {
         self.cause = self.cause.max(Some(cause));
         self.token.cancel();
+        if self.is_discarded() {
+            self.logs.discard();
+        }
+    }
+
+    /// Whether this attempt's log lines may go out now.
+    fn logs_due(&self, now: Instant) -> bool {
+        self.logs_sent_at.is_none_or(|at| now.duration_since(at) >= LOG_INTERVAL)
     }
 
     fn is_discarded(&self) -> bool {
         self.cause == Some(CancelCause::Discard)
+    }
+}
+
+/// A result waiting for the server's acknowledgement.
+#[derive(Debug)]
+struct Unacked {
+    /// The `Complete` or `Fail`.
+    result: Msg,
+    /// The attempt's last log lines, when it ended while disconnected; they
+    /// go out once, right before the result.
+    logs: Vec<proto::LogLines>,
+}
+
+impl Unacked {
+    /// Sends the unsent log lines, then the result.
+    fn send(&mut self, session: &Session) {
+        for batch in self.logs.drain(..) {
+            session.send(Msg::Log(batch));
+        }
+        session.send(self.result.clone());
     }
 }
 
@@ -154,12 +207,19 @@ pub(crate) struct Runtime {
     task_ids: HashMap<tokio::task::Id, AttemptKey>,
     joins: JoinSet<HandlerResult>,
     /// Results not yet acknowledged, ordered so resends are deterministic.
-    unacked: BTreeMap<AttemptKey, Msg>,
+    unacked: BTreeMap<AttemptKey, Unacked>,
     progress_tx: mpsc::Sender<ProgressReport>,
     progress_rx: mpsc::Receiver<ProgressReport>,
     /// Sends held-back progress; only polled while some is held back.
     progress_flush: Interval,
     progress_held: bool,
+    /// Attempts whose log buffer has lines, from their contexts.
+    log_tx: mpsc::Sender<AttemptKey>,
+    log_rx: mpsc::Receiver<AttemptKey>,
+    /// Sends log lines held back by `LOG_INTERVAL`; only polled while some
+    /// are.
+    log_flush: Interval,
+    logs_held: bool,
 
     phase: Phase,
 }
@@ -167,6 +227,7 @@ pub(crate) struct Runtime {
 impl Runtime {
     pub(crate) fn new(settings: Settings, handlers: HashMap<String, HandlerFn>, metrics: AgentMetrics) -> Self {
         let (progress_tx, progress_rx) = mpsc::channel(PROGRESS_BUFFER);
+        let (log_tx, log_rx) = mpsc::channel(LOG_NOTIFY_BUFFER);
         Self {
             settings,
             handlers,
@@ -197,6 +258,10 @@ impl Runtime {
             progress_rx,
             progress_flush: make_interval(PROGRESS_INTERVAL),
             progress_held: false,
+            log_tx,
+            log_rx,
+            log_flush: make_interval(LOG_INTERVAL),
+            logs_held: false,
             phase: Phase::Serving,
         }
     }
@@ -219,6 +284,7 @@ impl Runtime {
             tokio::select! {
                 () = shutdown.cancelled(), if self.phase == Phase::Serving => self.start_drain(),
                 Some(report) = self.progress_rx.recv() => self.on_progress(report),
+                Some(key) = self.log_rx.recv() => self.on_logs_ready(key),
                 Some(joined) = self.joins.join_next_with_id(), if !self.joins.is_empty() => {
                     self.on_handler_end(joined);
                 }
@@ -231,6 +297,7 @@ impl Runtime {
                 _ = self.heartbeat.tick() => self.on_heartbeat_tick(),
                 _ = self.lease_check.tick() => self.check_lease(),
                 _ = self.progress_flush.tick(), if self.progress_held => self.flush_progress(),
+                _ = self.log_flush.tick(), if self.logs_held => self.flush_logs(),
                 () = sleep_until_opt(phase_deadline) => {}
             }
             self.advance_phase();
@@ -403,8 +470,15 @@ impl Runtime {
                 "server no longer assigns this attempt to us; stopping it"
             );
         }
-        for result in self.unacked.values() {
-            session.send(result.clone());
+        for unacked in self.unacked.values_mut() {
+            unacked.send(&session);
+        }
+        // Lines logged while disconnected, for attempts still ours.
+        let now = Instant::now();
+        for (key, running) in &mut self.running {
+            if !running.is_discarded() {
+                send_logs(&session, key, running, now);
+            }
         }
         if self.phase != Phase::Serving {
             session.send(Msg::Drain(proto::DrainSelf {}));
@@ -563,10 +637,11 @@ impl Runtime {
             debug!(task_id = %key.0, attempt = key.1, "duplicate assignment of a running attempt");
             return;
         }
-        if let Some(result) = self.unacked.get(&key) {
+        if let Some(unacked) = self.unacked.get_mut(&key) {
             debug!(task_id = %key.0, attempt = key.1, "duplicate assignment of a finished attempt");
-            let result = result.clone();
-            self.send(result);
+            if let Some(session) = &self.session {
+                unacked.send(session);
+            }
             return;
         }
         let Some(handler) = self.handlers.get(&assignment.capability).cloned() else {
@@ -576,7 +651,7 @@ impl Runtime {
                 "no handler for the assigned capability"
             );
             let message = format!("no handler for capability {}", assignment.capability);
-            self.record_result(key, fail(attempt, "no_handler", message, true));
+            self.record_result(key, fail(attempt, "no_handler", message, true), Vec::new());
             return;
         };
         let token = CancellationToken::new();
@@ -589,12 +664,13 @@ impl Runtime {
         );
         crate::trace::adopt(&span, &assignment.trace_context);
         let assignment_capability = assignment.capability.clone();
-        let context = TaskContext::new(assignment, attempt, token.clone(), self.progress_tx.clone());
+        let logs = LogSink::new(key.clone(), self.log_tx.clone(), self.metrics.log_lines_dropped.clone());
+        let context = TaskContext::new(assignment, attempt, token.clone(), self.progress_tx.clone(), logs.clone());
         // The handler is called inside the task so a panic while building
         // its future is caught like any other.
         let handle = self.joins.spawn(async move { handler(context).await }.instrument(span));
         self.task_ids.insert(handle.id(), key.clone());
-        self.running.insert(key, RunningAttempt::new(token, assignment_capability));
+        self.running.insert(key, RunningAttempt::new(token, assignment_capability, logs));
     }
 
     // ---- handlers ----------------------------------------------------------
@@ -644,6 +720,46 @@ impl Runtime {
         self.progress_held = held;
     }
 
+    /// Sends an attempt's log lines now, or leaves them for the log flush
+    /// when it sent some less than `LOG_INTERVAL` ago. Lines logged while
+    /// disconnected wait in their buffer until the next registration.
+    fn on_logs_ready(&mut self, key: AttemptKey) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        let Some(running) = self.running.get_mut(&key).filter(|running| !running.is_discarded()) else {
+            return;
+        };
+        let now = Instant::now();
+        if running.logs_due(now) {
+            send_logs(session, &key, running, now);
+        } else {
+            self.logs_held = true;
+        }
+    }
+
+    /// Sends held-back log lines whose interval has passed.
+    fn flush_logs(&mut self) {
+        let Some(session) = &self.session else {
+            // Sent after the next registration; no need to tick until then.
+            self.logs_held = false;
+            return;
+        };
+        let now = Instant::now();
+        let mut held = false;
+        for (key, running) in &mut self.running {
+            if running.is_discarded() || !running.logs.has_pending() {
+                continue;
+            }
+            if running.logs_due(now) {
+                send_logs(session, key, running, now);
+            } else {
+                held = true;
+            }
+        }
+        self.logs_held = held;
+    }
+
     fn on_handler_end(&mut self, joined: Result<(tokio::task::Id, HandlerResult), JoinError>) {
         let (id, outcome) = match joined {
             Ok((id, result)) => (id, Ok(result)),
@@ -666,6 +782,9 @@ impl Runtime {
         {
             self.send(progress_message(&key, percent, message));
         }
+        // Everything the handler logged goes out before its result; lines
+        // from context clones that outlive it are ignored from now on.
+        let logs = running.logs.close().map(|(lines, dropped)| batches(&key, lines, dropped)).unwrap_or_default();
         let elapsed = running.started.elapsed();
         let label = match (&outcome, running.cause) {
             _ if running.is_discarded() => metric_label::DISCARDED,
@@ -714,14 +833,18 @@ impl Runtime {
             elapsed_ms = elapsed.as_millis(),
             "handler finished"
         );
-        self.record_result(key, result);
+        self.record_result(key, result, logs);
     }
 
-    /// Keeps a result until the server acknowledges it, and sends it now if
-    /// connected.
-    fn record_result(&mut self, key: AttemptKey, result: Msg) {
-        self.send(result.clone());
-        self.unacked.insert(key, result);
+    /// Keeps a result until the server acknowledges it, and sends it now,
+    /// after the attempt's last log lines, if connected; otherwise both go
+    /// out after the next registration.
+    fn record_result(&mut self, key: AttemptKey, result: Msg, logs: Vec<proto::LogLines>) {
+        let mut unacked = Unacked { result, logs };
+        if let Some(session) = &self.session {
+            unacked.send(session);
+        }
+        self.unacked.insert(key, unacked);
     }
 
     fn send(&self, msg: Msg) {
@@ -786,6 +909,16 @@ fn is_refusal(error: &Error) -> bool {
             )
         }
         _ => false,
+    }
+}
+
+/// Sends everything `running` has logged and not sent yet, in batches.
+fn send_logs(session: &Session, key: &AttemptKey, running: &mut RunningAttempt, now: Instant) {
+    if let Some((lines, dropped)) = running.logs.take() {
+        for batch in batches(key, lines, dropped) {
+            session.send(Msg::Log(batch));
+        }
+        running.logs_sent_at = Some(now);
     }
 }
 
@@ -860,15 +993,44 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 mod tests {
     use super::*;
 
+    fn make_running() -> (RunningAttempt, LogSink) {
+        let (log_tx, _log_rx) = mpsc::channel(4);
+        let dropped = prometheus::IntCounter::new("dropped_total", "Dropped.").unwrap_or_else(|e| panic!("{e}"));
+        let logs = LogSink::new(("t1".to_owned(), 1), log_tx, dropped);
+        (RunningAttempt::new(CancellationToken::new(), String::new(), logs.clone()), logs)
+    }
+
     #[test]
     fn stronger_cancel_causes_win() {
-        let mut running = RunningAttempt::new(CancellationToken::new(), String::new());
+        let (mut running, _logs) = make_running();
         running.cancel(CancelCause::Server);
         running.cancel(CancelCause::Shutdown);
         assert_eq!(running.cause, Some(CancelCause::Server));
         running.cancel(CancelCause::Discard);
         assert!(running.is_discarded());
         assert!(running.token.is_cancelled());
+    }
+
+    #[test]
+    fn discarding_an_attempt_drops_its_log_lines_and_later_ones() {
+        let (mut running, logs) = make_running();
+        logs.push(proto::LogStream::Log, vec!["before".to_owned()]);
+        running.cancel(CancelCause::Server);
+        assert!(logs.has_pending(), "a cancelled attempt still sends its lines");
+        running.cancel(CancelCause::Discard);
+        assert!(!logs.has_pending());
+        logs.push(proto::LogStream::Log, vec!["after".to_owned()]);
+        assert!(!logs.has_pending());
+    }
+
+    #[test]
+    fn log_lines_are_due_once_per_interval() {
+        let (mut running, _logs) = make_running();
+        let now = Instant::now();
+        assert!(running.logs_due(now));
+        running.logs_sent_at = Some(now);
+        assert!(!running.logs_due(now + LOG_INTERVAL / 2));
+        assert!(running.logs_due(now + LOG_INTERVAL));
     }
 
     #[test]

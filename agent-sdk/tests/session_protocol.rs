@@ -3,12 +3,13 @@
 //! the server message by message and asserts what the agent sends back.
 //! End-to-end behaviour with the real control plane is tested in `cli/tests`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use muster_sdk::proto::agent_service_server::{AgentService, AgentServiceServer};
 use muster_sdk::proto::{self, agent_message, server_message};
-use muster_sdk::{Agent, CancellationToken, Output, TaskContext, TaskError};
+use muster_sdk::{Agent, CancellationToken, LogStream, Output, TaskContext, TaskError};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -17,6 +18,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// How long a test waits for the agent's next message.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lines the `flood` handler logs as fast as it can.
+const FLOOD_LINES: usize = 50_000;
+
+/// Lines the `drip` handler logs, yielding to the runtime after each and
+/// pausing a millisecond every hundred, so it spans several flush
+/// intervals.
+const DRIP_LINES: usize = 20_000;
 
 /// Hands every new session to the test.
 struct ScriptedServer {
@@ -150,6 +159,35 @@ impl ScriptedSession {
             other => bail!("expected complete of {task_id}, got {other:?}"),
         }
     }
+
+    async fn expect_log(&mut self, task_id: &str) -> anyhow::Result<proto::LogLines> {
+        match self.recv().await? {
+            agent_message::Msg::Log(log) if attempt_is(log.attempt.as_ref(), task_id) => Ok(log),
+            other => bail!("expected log lines of {task_id}, got {other:?}"),
+        }
+    }
+
+    /// The log messages of `task_id` up to its result, and the result;
+    /// fails on any other message.
+    async fn logs_until_result(&mut self, task_id: &str) -> anyhow::Result<(Vec<proto::LogLines>, agent_message::Msg)> {
+        let mut logs = Vec::new();
+        loop {
+            match self.recv().await? {
+                agent_message::Msg::Log(log) if attempt_is(log.attempt.as_ref(), task_id) => logs.push(log),
+                result @ (agent_message::Msg::Complete(_) | agent_message::Msg::Fail(_)) => return Ok((logs, result)),
+                other => bail!("expected log lines or the result of {task_id}, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// Every line's stream and text, in the order received.
+fn log_lines(logs: &[proto::LogLines]) -> Vec<(LogStream, String)> {
+    logs.iter().flat_map(|log| log.lines.iter().map(|line| (line.stream(), line.text.clone()))).collect()
+}
+
+fn log_texts(log: &proto::LogLines) -> Vec<&str> {
+    log.lines.iter().map(|line| line.text.as_str()).collect()
 }
 
 fn attempt_is(attempt: Option<&proto::AttemptRef>, task_id: &str) -> bool {
@@ -190,12 +228,31 @@ struct TestAgent {
     run: JoinHandle<Result<(), muster_sdk::Error>>,
     /// Task ids of `wait` handlers, sent when their cancellation fired.
     cancelled: mpsc::UnboundedReceiver<String>,
+    /// Lines for the `relay` handler to log; `None` ends it.
+    relay: mpsc::UnboundedSender<Option<String>>,
+    /// One message per line the `relay` handler logged, and one as it ends.
+    relayed: mpsc::UnboundedReceiver<()>,
+}
+
+impl TestAgent {
+    /// Has the `relay` handler log `line` (or end, with `None`) and waits
+    /// until it did.
+    async fn relay(&mut self, line: Option<&str>) -> anyhow::Result<()> {
+        self.relay.send(line.map(str::to_owned))?;
+        tokio::time::timeout(STEP_TIMEOUT, self.relayed.recv()).await?.context("relay handler gone")
+    }
 }
 
 /// Spawns an agent whose `echo` returns the payload after reporting
-/// progress, `panic` panics and `wait` runs until cancelled.
+/// progress, `panic` panics, `wait` runs until cancelled, `log` logs a few
+/// lines on every stream, `flood` logs [`FLOOD_LINES`] lines at once, `drip`
+/// logs [`DRIP_LINES`] lines one at a time and `relay` logs what the test
+/// hands it.
 fn spawn_agent(endpoint: &str, drain_grace: Duration) -> anyhow::Result<TestAgent> {
     let (cancelled_tx, cancelled) = mpsc::unbounded_channel();
+    let (relay, relay_rx) = mpsc::unbounded_channel::<Option<String>>();
+    let relay_rx = Arc::new(tokio::sync::Mutex::new(relay_rx));
+    let (relayed_tx, relayed) = mpsc::unbounded_channel();
     let agent = Agent::builder("test-agent")
         .server(endpoint)
         .slots(2)
@@ -225,10 +282,50 @@ fn spawn_agent(endpoint: &str, drain_grace: Duration) -> anyhow::Result<TestAgen
                 Err::<Output, _>(TaskError::retryable("stopped"))
             }
         })
+        .handler("log", |ctx: TaskContext| async move {
+            ctx.log("first");
+            ctx.log("second\nthird\r\n");
+            let mut out = ctx.log_writer(LogStream::Stdout);
+            std::io::Write::write_all(&mut out, b"out 1\nout 2 without newline")?;
+            drop(out);
+            ctx.log_stream(LogStream::Stderr, "err 1");
+            ctx.log("last");
+            Ok(Output::empty())
+        })
+        .handler("flood", |ctx: TaskContext| async move {
+            for i in 0..FLOOD_LINES {
+                ctx.log(format!("line {i}"));
+            }
+            Ok(Output::empty())
+        })
+        .handler("drip", |ctx: TaskContext| async move {
+            for i in 0..DRIP_LINES {
+                ctx.log(format!("line {i}"));
+                if i % 100 == 99 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Ok(Output::empty())
+        })
+        .handler("relay", move |ctx: TaskContext| {
+            let lines = relay_rx.clone();
+            let relayed = relayed_tx.clone();
+            async move {
+                let mut lines = lines.lock().await;
+                while let Some(Some(line)) = lines.recv().await {
+                    ctx.log(line);
+                    let _ = relayed.send(());
+                }
+                let _ = relayed.send(());
+                Ok(Output::empty())
+            }
+        })
         .build()?;
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(agent.run_until(shutdown.clone()));
-    Ok(TestAgent { shutdown, run, cancelled })
+    Ok(TestAgent { shutdown, run, cancelled, relay, relayed })
 }
 
 async fn expect_stopped(run: JoinHandle<Result<(), muster_sdk::Error>>) -> anyhow::Result<()> {
@@ -244,7 +341,7 @@ async fn assignment_is_accepted_reported_and_completed_then_drain_stops_the_agen
 
     let register = session.expect_register().await?;
     assert_eq!(register.name, "test-agent");
-    assert_eq!(register.capabilities, ["chatty", "echo", "panic", "wait"]);
+    assert_eq!(register.capabilities, ["chatty", "drip", "echo", "flood", "log", "panic", "relay", "wait"]);
     assert_eq!(register.slots, 2);
     assert!(register.resume_token.is_empty());
     assert!(!register.sdk_version.is_empty());
@@ -446,4 +543,159 @@ async fn rapid_progress_is_coalesced_and_the_latest_precedes_the_result() -> any
 
     shutdown.cancel();
     expect_stopped(run).await
+}
+
+#[tokio::test]
+async fn log_lines_arrive_in_order_with_their_streams_before_the_result() -> anyhow::Result<()> {
+    let (endpoint, mut sessions) = spawn_server().await?;
+    let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
+    let mut session = next_session(&mut sessions).await?;
+    session.expect_register().await?;
+    session.registered(false, Duration::from_secs(30));
+
+    session.assign("t1", "log", b"");
+    session.expect_accept("t1").await?;
+    let (logs, result) = session.logs_until_result("t1").await?;
+    assert!(matches!(result, agent_message::Msg::Complete(_)), "{result:?}");
+    let expected = [
+        (LogStream::Log, "first"),
+        (LogStream::Log, "second"),
+        (LogStream::Log, "third"),
+        (LogStream::Stdout, "out 1"),
+        (LogStream::Stdout, "out 2 without newline"),
+        (LogStream::Stderr, "err 1"),
+        (LogStream::Log, "last"),
+    ]
+    .map(|(stream, text)| (stream, text.to_owned()));
+    assert_eq!(log_lines(&logs), expected);
+    assert!(logs.iter().all(|log| log.dropped == 0));
+    assert!(logs.iter().flat_map(|log| &log.lines).all(|line| line.time.is_some()));
+    session.ack("t1");
+    // Nothing of the attempt follows its result.
+    session.expect_silence(Duration::from_millis(300)).await?;
+
+    shutdown.cancel();
+    expect_stopped(run).await
+}
+
+#[tokio::test]
+async fn a_flood_of_lines_is_batched_into_few_messages_and_every_line_is_accounted_for() -> anyhow::Result<()> {
+    let (endpoint, mut sessions) = spawn_server().await?;
+    let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
+    let mut session = next_session(&mut sessions).await?;
+    session.expect_register().await?;
+    session.registered(false, Duration::from_secs(30));
+
+    session.assign("t1", "flood", b"");
+    session.expect_accept("t1").await?;
+    let (logs, result) = session.logs_until_result("t1").await?;
+    assert!(matches!(result, agent_message::Msg::Complete(_)), "{result:?}");
+    assert!(logs.len() < 100, "{FLOOD_LINES} lines took {} messages", logs.len());
+    let sent: usize = logs.iter().map(|log| log.lines.len()).sum();
+    let dropped: u64 = logs.iter().map(|log| log.dropped).sum();
+    assert_eq!(sent as u64 + dropped, FLOOD_LINES as u64, "{sent} sent, {dropped} dropped");
+    // In order, the oldest dropped first, so the newest line is there.
+    let numbers: Vec<usize> = log_lines(&logs)
+        .iter()
+        .map(|(_, text)| text.strip_prefix("line ").and_then(|n| n.parse().ok()).context(text.clone()))
+        .collect::<anyhow::Result<_>>()?;
+    assert!(numbers.windows(2).all(|pair| pair[0] < pair[1]), "lines out of order");
+    assert_eq!(numbers.last(), Some(&(FLOOD_LINES - 1)));
+    session.ack("t1");
+
+    shutdown.cancel();
+    expect_stopped(run).await
+}
+
+#[tokio::test]
+async fn lines_logged_one_at_a_time_are_batched_without_loss() -> anyhow::Result<()> {
+    let (endpoint, mut sessions) = spawn_server().await?;
+    let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
+    let mut session = next_session(&mut sessions).await?;
+    session.expect_register().await?;
+    session.registered(false, Duration::from_secs(30));
+
+    session.assign("t1", "drip", b"");
+    session.expect_accept("t1").await?;
+    let (logs, result) = session.logs_until_result("t1").await?;
+    assert!(matches!(result, agent_message::Msg::Complete(_)), "{result:?}");
+    // Sent as logged, it would take one message per line.
+    assert!(logs.len() < 100, "{DRIP_LINES} lines took {} messages", logs.len());
+    assert!(logs.iter().all(|log| log.dropped == 0));
+    let expected: Vec<(LogStream, String)> = (0..DRIP_LINES).map(|i| (LogStream::Log, format!("line {i}"))).collect();
+    assert_eq!(log_lines(&logs), expected);
+    session.ack("t1");
+
+    shutdown.cancel();
+    expect_stopped(run).await
+}
+
+#[tokio::test]
+async fn lines_logged_while_disconnected_are_sent_after_reconnecting_and_before_the_result() -> anyhow::Result<()> {
+    let (endpoint, mut sessions) = spawn_server().await?;
+    let mut agent = spawn_agent(&endpoint, Duration::from_secs(5))?;
+    let mut session = next_session(&mut sessions).await?;
+    session.expect_register().await?;
+    session.registered(false, Duration::from_secs(30));
+    session.assign("t1", "relay", b"");
+    session.expect_accept("t1").await?;
+    agent.relay(Some("online")).await?;
+    assert_eq!(log_texts(&session.expect_log("t1").await?), ["online"]);
+
+    // The stream breaks; the agent reconnects, and logs before the server
+    // answers its registration.
+    drop(session);
+    let mut session = next_session(&mut sessions).await?;
+    let register = session.expect_register().await?;
+    assert_eq!(register.held_attempts, [proto::AttemptRef::new("t1", 1)]);
+    agent.relay(Some("while away")).await?;
+    session.registered(true, Duration::from_secs(30));
+    assert_eq!(log_texts(&session.expect_log("t1").await?), ["while away"]);
+
+    // Again, and this time the handler also ends while disconnected.
+    drop(session);
+    let mut session = next_session(&mut sessions).await?;
+    session.expect_register().await?;
+    agent.relay(Some("last words")).await?;
+    agent.relay(None).await?;
+    // Let the agent record the result before it has a session to send it on.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    session.registered(true, Duration::from_secs(30));
+    let (logs, result) = session.logs_until_result("t1").await?;
+    assert!(matches!(result, agent_message::Msg::Complete(_)), "{result:?}");
+    assert_eq!(log_lines(&logs), [(LogStream::Log, "last words".to_owned())]);
+    session.ack("t1");
+
+    agent.shutdown.cancel();
+    expect_stopped(agent.run).await
+}
+
+#[tokio::test]
+async fn lines_of_a_dropped_attempt_are_never_sent() -> anyhow::Result<()> {
+    let (endpoint, mut sessions) = spawn_server().await?;
+    let mut agent = spawn_agent(&endpoint, Duration::from_secs(5))?;
+    let mut session = next_session(&mut sessions).await?;
+    session.expect_register().await?;
+    session.registered(false, Duration::from_secs(30));
+    session.assign("t1", "relay", b"");
+    session.expect_accept("t1").await?;
+
+    drop(session);
+    let mut session = next_session(&mut sessions).await?;
+    session.expect_register().await?;
+    agent.relay(Some("for nobody")).await?;
+    session.send(server_message::Msg::Registered(proto::Registered {
+        agent_id: "agent-1".to_owned(),
+        resume_token: "resume-1".to_owned(),
+        resumed: true,
+        heartbeat_interval: Some(make_duration(Duration::from_secs(10))),
+        lease_ttl: Some(make_duration(Duration::from_secs(30))),
+        dropped_attempts: vec![proto::AttemptRef::new("t1", 1)],
+    }));
+    agent.relay(Some("still for nobody")).await?;
+    agent.relay(None).await?;
+    session.expect_silence(Duration::from_millis(300)).await?;
+
+    agent.shutdown.cancel();
+    expect_stopped(agent.run).await
 }
