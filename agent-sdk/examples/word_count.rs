@@ -1,6 +1,6 @@
 //! The agent of the guide (`agent-sdk/README.md`): capability `word-count`
 //! counts the words of a text, with a typed JSON payload and output,
-//! progress, cancellation and graceful shutdown.
+//! progress, live log lines, cancellation and graceful shutdown.
 //!
 //! ```text
 //! cargo run -p muster -- dev                      # a server with its agents
@@ -38,6 +38,10 @@ pub async fn count(ctx: TaskContext) -> Result<Output, TaskError> {
     // `invalid_payload`): retrying cannot fix it.
     let request: CountRequest = ctx.json()?;
     let lines: Vec<&str> = request.text.lines().collect();
+    // Live log lines: `muster task logs ID --follow` shows them as they
+    // come. Never blocks; the oldest lines are dropped if the agent cannot
+    // keep up.
+    ctx.log(format!("counting {} lines", lines.len()));
     let mut words = 0;
     for (done, line) in lines.iter().enumerate() {
         tokio::select! {
@@ -56,6 +60,7 @@ pub async fn count(ctx: TaskContext) -> Result<Output, TaskError> {
         // `TaskError::retryable`; the retry policy decides when.
         return Err(TaskError::fatal("more than a million words").with_reason("too_large"));
     }
+    ctx.log(format!("counted {words} words"));
     Output::json(&CountResult { lines: lines.len(), words })
 }
 
