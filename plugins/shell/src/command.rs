@@ -1,15 +1,16 @@
 //! Running one `shell` task: parse the payload, spawn the program in its own
-//! process group, capture the tails of its output, and end the whole group
-//! (SIGTERM, then SIGKILL after a grace period) on cancellation or timeout.
+//! process group, stream its output lines to the task's live log while
+//! capturing the tails of its output, and end the whole group (SIGTERM,
+//! then SIGKILL after a grace period) on cancellation or timeout.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use muster_sdk::{Output, TaskContext, TaskError};
+use muster_sdk::{LogStream, LogWriter, Output, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
@@ -203,8 +204,8 @@ impl Runner {
         let mut group = ProcessGroup::new(pid);
 
         let cap = self.inner.max_output_bytes;
-        let mut stdout = TailBuffer::new(cap);
-        let mut stderr = TailBuffer::new(cap);
+        let mut stdout = Capture::new(cap, ctx.log_writer(LogStream::Stdout));
+        let mut stderr = Capture::new(cap, ctx.log_writer(LogStream::Stderr));
         let time_limit = self.time_limit(ctx);
         let finished = {
             let collect = collect(&mut child, &mut stdout, &mut stderr);
@@ -223,11 +224,7 @@ impl Runner {
         match finished {
             Ok(Ok(status)) => {
                 group.disarm();
-                Ok(ShellOutput {
-                    exit_code: exit_code(status),
-                    stdout: stdout.into_string(),
-                    stderr: stderr.into_string(),
-                })
+                Ok(ShellOutput { exit_code: exit_code(status), stdout: stdout.into_tail(), stderr: stderr.into_tail() })
             }
             Ok(Err(err)) => Err(TaskError::retryable(format!("waiting for {} failed: {err}", command.program))),
             Err(stop) => {
@@ -273,8 +270,39 @@ fn spawn_error(program: &str, err: &io::Error) -> TaskError {
     error.with_reason("spawn_failed")
 }
 
-/// Waits for the child while reading both pipes into their tail buffers.
-async fn collect(child: &mut Child, stdout: &mut TailBuffer, stderr: &mut TailBuffer) -> io::Result<ExitStatus> {
+/// Where one output stream goes: its tail is kept for the task's output,
+/// and its lines go to the task's live log as they come.
+#[derive(Debug)]
+struct Capture {
+    tail: TailBuffer,
+    /// Holds an unfinished last line until the pipe ends or the capture is
+    /// dropped, whichever comes first.
+    log: LogWriter,
+}
+
+impl Capture {
+    fn new(cap: usize, log: LogWriter) -> Self {
+        Self { tail: TailBuffer::new(cap), log }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.tail.push(chunk);
+        // Writing to a log writer only buffers; it cannot fail.
+        let _ = self.log.write_all(chunk);
+    }
+
+    /// The pipe ended: a last line without a newline is a line too.
+    fn end(&mut self) {
+        let _ = self.log.flush();
+    }
+
+    fn into_tail(self) -> String {
+        self.tail.into_string()
+    }
+}
+
+/// Waits for the child while reading both pipes into their captures.
+async fn collect(child: &mut Child, stdout: &mut Capture, stderr: &mut Capture) -> io::Result<ExitStatus> {
     let out_pipe = child.stdout.take();
     let err_pipe = child.stderr.take();
     let reads = async {
@@ -295,22 +323,23 @@ async fn collect(child: &mut Child, stdout: &mut TailBuffer, stderr: &mut TailBu
     Ok(status)
 }
 
-async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, tail: &mut TailBuffer) {
+async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, capture: &mut Capture) {
     let Some(mut pipe) = pipe else {
         return;
     };
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         match pipe.read(&mut chunk).await {
-            Ok(0) => return,
-            Ok(n) => tail.push(chunk.get(..n).unwrap_or_default()),
+            Ok(0) => break,
+            Ok(n) => capture.push(chunk.get(..n).unwrap_or_default()),
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => {
                 tracing::debug!("reading output failed: {err}");
-                return;
+                break;
             }
         }
     }
+    capture.end();
 }
 
 /// The exit code, or 128 + signal number for a program killed by a signal

@@ -15,6 +15,12 @@
 //! attempt (retryable, reason `exit_code`, unless the code is listed in
 //! `non_retryable_exit_codes`).
 //!
+//! While the program runs, every line it writes to stdout or stderr also
+//! goes to the task's live log (streams `stdout` and `stderr`; follow it
+//! with `muster task logs ID --follow`), all of it before the result. A
+//! program printing faster than the agent sends loses its oldest unsent
+//! lines from the live log, never from the output's tails.
+//!
 //! The program runs in its own process group. Cancelling the task, or its
 //! execution timeout, sends SIGTERM to the whole group and SIGKILL after
 //! `kill_grace`, so nothing it started outlives it.

@@ -25,6 +25,8 @@ struct ScriptedServer {
 struct ScriptedSession {
     inbound: Streaming<proto::AgentMessage>,
     outbound: mpsc::UnboundedSender<Result<proto::ServerMessage, Status>>,
+    /// Every log message received so far, in order.
+    logs: Vec<proto::LogLines>,
 }
 
 #[tonic::async_trait]
@@ -36,14 +38,15 @@ impl AgentService for ScriptedServer {
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let (outbound, rx) = mpsc::unbounded_channel();
-        let session = ScriptedSession { inbound: request.into_inner(), outbound };
+        let session = ScriptedSession { inbound: request.into_inner(), outbound, logs: Vec::new() };
         self.sessions.send(session).map_err(|_| Status::unavailable("test over"))?;
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 }
 
 impl ScriptedSession {
-    /// The agent's next message other than a heartbeat or progress.
+    /// The agent's next message other than a heartbeat, progress or log
+    /// lines (which are kept in `logs`).
     async fn recv(&mut self) -> anyhow::Result<agent_message::Msg> {
         loop {
             let message = tokio::time::timeout(STEP_TIMEOUT, self.inbound.message())
@@ -52,6 +55,7 @@ impl ScriptedSession {
                 .context("agent closed the stream")?;
             match message.msg {
                 Some(agent_message::Msg::Heartbeat(_) | agent_message::Msg::Progress(_)) => {}
+                Some(agent_message::Msg::Log(log)) => self.logs.push(log),
                 Some(msg) => return Ok(msg),
                 None => bail!("empty agent message"),
             }
@@ -70,6 +74,17 @@ impl ScriptedSession {
             content_type: "application/json".to_owned(),
             ..proto::Assignment::default()
         }));
+    }
+
+    /// The texts of the log lines of `stream` received so far for `task_id`.
+    fn log_texts(&self, task_id: &str, stream: proto::LogStream) -> Vec<&str> {
+        self.logs
+            .iter()
+            .filter(|log| log.attempt.as_ref().is_some_and(|a| a.task_id == task_id))
+            .flat_map(|log| &log.lines)
+            .filter(|line| line.stream() == stream)
+            .map(|line| line.text.as_str())
+            .collect()
     }
 
     /// Assigns a task and returns its result, acknowledged.
@@ -166,6 +181,21 @@ async fn command_output_env_and_cwd_are_reported() -> anyhow::Result<()> {
     assert_eq!(output["exit_code"], 0);
     assert_eq!(output["stdout"], format!("hello\n{}\n", cwd.display()));
     assert_eq!(output["stderr"], "warn\n");
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn stdout_and_stderr_lines_stream_as_live_logs_before_the_result() -> anyhow::Result<()> {
+    let (mut session, shutdown) = spawn_shell_agent().await?;
+    let script = r"echo out 1; echo err 1 >&2; printf 'out 2\r\nno newline'; printf 'bad \377 byte\n' >&2";
+    let output = expect_complete(session.run("t1", &json!({"argv": ["sh", "-c", script]})).await?)?;
+    // The output keeps the bytes as they were.
+    assert_eq!(output["stdout"], "out 1\nout 2\r\nno newline");
+    // `run` returns at the result: every line below came before it.
+    assert_eq!(session.log_texts("t1", proto::LogStream::Stdout), ["out 1", "out 2", "no newline"]);
+    assert_eq!(session.log_texts("t1", proto::LogStream::Stderr), ["err 1", "bad \u{fffd} byte"]);
+    assert!(session.logs.iter().all(|log| log.dropped == 0));
     shutdown.cancel();
     Ok(())
 }
@@ -395,6 +425,9 @@ async fn output_cap_holds_for_a_command_printing_far_more() -> anyhow::Result<()
     assert_eq!(stderr.len(), 1000);
     assert!(stdout.ends_with("ooEND\n"));
     assert!(stderr.ends_with("eeERR\n"));
+    // The live log got one line per stream, cut to 16 KiB.
+    let lines = session.log_texts("t1", proto::LogStream::Stdout);
+    assert_eq!(lines.iter().map(|line| line.len()).collect::<Vec<_>>(), [16 * 1024]);
     shutdown.cancel();
     Ok(())
 }
