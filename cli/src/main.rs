@@ -126,6 +126,19 @@ enum TaskCommand {
     Retry { id: String },
     /// Say why a task is not running.
     Explain { id: String },
+    /// Print a task's log lines, attempt by attempt.
+    Logs {
+        id: String,
+        /// Keep printing new lines until the task is finished.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this attempt (default: every attempt).
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// Start each line with the time the agent produced it.
+        #[arg(long)]
+        timestamps: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -379,6 +392,14 @@ async fn task(server: &str, command: TaskCommand, out: &Output) -> anyhow::Resul
         }
         TaskCommand::Explain { id } => {
             workflow::explain(&client, &id, out).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        TaskCommand::Logs { id, follow, attempt, timestamps } => {
+            let mut logs = client.logs(&id, attempt.unwrap_or(0), follow).await?;
+            let mut printer = output::LogPrinter::new(out, timestamps);
+            while let Some(chunk) = logs.next().await {
+                printer.chunk(&chunk?);
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

@@ -272,3 +272,53 @@ impl Output {
         }
     }
 }
+
+/// Prints log chunks: the bare lines (optionally timed), a header when the
+/// attempt changes after the first, and a marker where lines were lost; in
+/// JSON mode, one object per line.
+#[derive(Debug)]
+pub(crate) struct LogPrinter {
+    json: bool,
+    timestamps: bool,
+    attempt: Option<u32>,
+}
+
+impl LogPrinter {
+    pub(crate) fn new(out: &Output, timestamps: bool) -> Self {
+        Self { json: out.json, timestamps, attempt: None }
+    }
+
+    pub(crate) fn chunk(&mut self, chunk: &proto::TaskLogs) {
+        use std::io::Write;
+        let stdout = std::io::stdout();
+        let mut w = stdout.lock();
+        if self.json {
+            for (n, line) in chunk.lines.iter().enumerate() {
+                let v = json!({
+                    "attempt": chunk.attempt,
+                    "line": chunk.first_line + n as u64,
+                    "time": time(&line.time),
+                    "stream": proto::LogStream::try_from(line.stream).unwrap_or_default().short_name(),
+                    "text": line.text,
+                });
+                let _ = writeln!(w, "{v}");
+            }
+            return;
+        }
+        if self.attempt.is_some_and(|a| a != chunk.attempt) || (self.attempt.is_none() && chunk.attempt > 1) {
+            let _ = writeln!(w, "--- attempt {} ---", chunk.attempt);
+        }
+        self.attempt = Some(chunk.attempt);
+        if chunk.dropped > 0 {
+            let _ = writeln!(w, "[{} line(s) dropped]", chunk.dropped);
+        }
+        for line in &chunk.lines {
+            if self.timestamps {
+                let _ = writeln!(w, "{} {}", text(&time(&line.time)), line.text);
+            } else {
+                let _ = writeln!(w, "{}", line.text);
+            }
+        }
+        let _ = w.flush();
+    }
+}

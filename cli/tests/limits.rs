@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use muster_sdk::{Error, NewTask, Output, proto};
-use proto::agent_service_client::AgentServiceClient;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 fn status_of(result: Result<impl std::fmt::Debug, Error>) -> tonic::Status {
@@ -111,32 +109,6 @@ async fn every_submit_limit_is_answered_with_a_clear_error() -> TestResult {
     assert_eq!(status_of(client.retry("01ARZ3NDEKTSV4RRFFQ69G5FAV").await).code(), Code::NotFound);
     assert_eq!(status_of(client.get_agent("nope").await).code(), Code::InvalidArgument);
     Ok(())
-}
-
-fn register(name: &str, slots: u32) -> proto::AgentMessage {
-    proto::AgentMessage {
-        msg: Some(proto::agent_message::Msg::Register(proto::Register {
-            name: name.into(),
-            capabilities: vec!["raw".into()],
-            slots,
-            ..Default::default()
-        })),
-    }
-}
-
-async fn open_session(
-    endpoint: &str,
-    first: proto::AgentMessage,
-) -> (tokio::sync::mpsc::Sender<proto::AgentMessage>, Result<tonic::Streaming<proto::ServerMessage>, tonic::Status>) {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(first).await.expect("send the first message");
-    let response = AgentServiceClient::new(channel).connect(ReceiverStream::new(rx)).await.map(|r| r.into_inner());
-    (tx, response)
 }
 
 #[tokio::test]

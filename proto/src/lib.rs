@@ -58,6 +58,17 @@ impl pb::TaskState {
     }
 }
 
+impl pb::LogStream {
+    /// The short lower-case name ("stdout"); `log` for unspecified.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Unspecified | Self::Log => "log",
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
 impl pb::Priority {
     /// The short lower-case name ("critical").
     pub fn short_name(self) -> &'static str {

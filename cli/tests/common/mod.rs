@@ -263,3 +263,34 @@ pub fn spawn_shell_agent_process_with_metrics(endpoint: &str, name: &str) -> Pro
         .unwrap();
     Process { child }
 }
+
+/// The first message of a raw session: capability `raw`.
+pub fn register(name: &str, slots: u32) -> proto::AgentMessage {
+    proto::AgentMessage {
+        msg: Some(proto::agent_message::Msg::Register(proto::Register {
+            name: name.into(),
+            capabilities: vec!["raw".into()],
+            slots,
+            ..Default::default()
+        })),
+    }
+}
+
+/// A hand-driven agent session: what the SDK does, one message at a time.
+pub async fn open_session(
+    endpoint: &str,
+    first: proto::AgentMessage,
+) -> (tokio::sync::mpsc::Sender<proto::AgentMessage>, Result<tonic::Streaming<proto::ServerMessage>, tonic::Status>) {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(first).await.expect("send the first message");
+    let response = proto::agent_service_client::AgentServiceClient::new(channel)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(|r| r.into_inner());
+    (tx, response)
+}
