@@ -7,6 +7,12 @@ mod serve;
 mod telemetry;
 mod workflow;
 
+/// mimalloc instead of the system allocator: the store copies its tree
+/// nodes on write, and with glibc's malloc a quarter of the server's CPU
+/// went to allocating and freeing them (see docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
