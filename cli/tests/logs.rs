@@ -167,6 +167,15 @@ async fn logs_follow_a_task_across_attempts_until_it_ends() -> TestResult {
     let ended = tokio::time::timeout(Duration::from_secs(20), follow).await???;
     assert!(ended.is_empty(), "attempt 3 never ran: {ended:?}");
 
+    // One attempt: the follow ends with that attempt, while the task waits
+    // out its backoff.
+    let waiting = NewTask::new("flaky").max_attempts(2).backoff(Duration::from_secs(600), Duration::from_secs(600));
+    let waiting = client.submit(waiting.build()).await?;
+    wait_for_state(&client, &waiting.id, proto::TaskState::Pending).await;
+    let first = tokio::time::timeout(Duration::from_secs(10), read_logs(&client, &waiting.id, 1, true)).await??;
+    assert_eq!(lines_of(&first), [(1, 1, "starting attempt 1".to_owned())]);
+    client.cancel(&waiting.id, "test over").await?;
+
     let status = match client.logs("01ARZ3NDEKTSV4RRFFQ69G5FAV", 0, false).await {
         Err(Error::Status(status)) => status,
         other => return Err(format!("expected NOT_FOUND, got {other:?}").into()),
@@ -233,5 +242,52 @@ async fn lines_for_attempts_a_session_does_not_hold_are_ignored() -> TestResult 
     let still_open = tokio::time::timeout(Duration::from_millis(500), intruder.message()).await;
     assert!(still_open.is_err(), "the intruder's session was not closed: {still_open:?}");
     drop(intruder_tx);
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_or_overflowing_log_messages_close_only_their_session() -> TestResult {
+    use proto::agent_message::Msg;
+    let server = spawn_server().await;
+    let client = server.client().await;
+    let closing =
+        async |message: proto::AgentMessage| -> Result<tonic::Status, Box<dyn std::error::Error + Send + Sync>> {
+            let (tx, session) = open_session(&server.endpoint, register("noisy", 1)).await;
+            let mut session = session?;
+            session.message().await?.ok_or("no registered")?;
+            let task = client.submit(NewTask::new("raw").build()).await?;
+            let attempt = loop {
+                if let Some(proto::server_message::Msg::Assign(assign)) = session.message().await?.ok_or("ended")?.msg {
+                    break assign.attempt.ok_or("no attempt")?;
+                }
+            };
+            let mut message = message;
+            if let Some(Msg::Log(log)) = &mut message.msg {
+                log.attempt = Some(attempt);
+            }
+            tx.send(message).await?;
+            loop {
+                match session.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err("the session ended without an error".into()),
+                    Err(status) => {
+                        client.cancel(&task.id, "test over").await?;
+                        return Ok(status);
+                    }
+                }
+            }
+        };
+    let lines = vec![proto::LogLine::default(); 5000];
+    let status =
+        closing(proto::AgentMessage { msg: Some(Msg::Log(proto::LogLines { attempt: None, lines, dropped: 0 })) })
+            .await?;
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("max_log_lines_per_message"), "{}", status.message());
+    let status = closing(proto::AgentMessage {
+        msg: Some(Msg::Log(proto::LogLines { attempt: None, lines: Vec::new(), dropped: u64::MAX })),
+    })
+    .await?;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("log.dropped"), "{}", status.message());
     Ok(())
 }

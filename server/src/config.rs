@@ -198,6 +198,8 @@ pub struct Limits {
     pub max_log_bytes_per_attempt: usize,
     /// Longest log line; longer lines are cut.
     pub max_log_line_bytes: usize,
+    /// Most lines in one `LogLines` message from an agent.
+    pub max_log_lines_per_message: usize,
 }
 
 impl Default for Limits {
@@ -224,6 +226,7 @@ impl Default for Limits {
             max_message_len: 4096,
             max_log_bytes_per_attempt: 256 << 10,
             max_log_line_bytes: 16 << 10,
+            max_log_lines_per_message: 4096,
         }
     }
 }

@@ -71,6 +71,9 @@ struct State {
     tasks: HashMap<TaskId, TaskLogs>,
     /// Memory held by every tail.
     bytes: usize,
+    /// Bumped whenever a persisted tail leaves memory, so an append that
+    /// read the store meanwhile knows its copy may be stale.
+    persisted: u64,
 }
 
 #[derive(Debug)]
@@ -182,45 +185,60 @@ impl LogHub {
         lines: Vec<pb::LogLine>,
         agent_dropped: u64,
     ) -> Result<(), AppendError> {
+        // Lines are built, and those a full tail would drop at once are
+        // skipped, before the lock is taken.
+        let now = now_millis();
+        let received = lines.len() as u64;
+        let mut kept: Vec<LogLine> = Vec::new();
+        let mut kept_bytes = 0;
+        for line in lines.into_iter().rev() {
+            let line = self.line(line, now);
+            kept_bytes += line_cost(&line);
+            if kept_bytes > self.tail_bytes && !kept.is_empty() {
+                break;
+            }
+            kept.push(line);
+        }
+        kept.reverse();
+        let skipped = received - kept.len() as u64;
         // A tail that was already persisted (lines after the attempt ended,
-        // or after a restart) continues where it stopped; the store is read
-        // outside the lock.
+        // or after a restart) continues where it stopped. The store is read
+        // outside the lock, and read again if a tail was persisted meanwhile.
         let mut restored = None;
         let mut state = loop {
             let state = self.lock();
             let held = state.tasks.get(&task).is_some_and(|logs| logs.attempts.contains_key(&attempt));
-            if held || restored.is_some() {
+            if held || restored.as_ref().is_some_and(|(generation, _)| *generation == state.persisted) {
                 break state;
             }
+            let generation = state.persisted;
             drop(state);
-            restored = Some(self.store.log(task, attempt)?);
+            restored = Some((generation, self.store.log(task, attempt)?));
         };
-        let now = now_millis();
-        let received = lines.len() as u64;
-        let mut evicted = agent_dropped;
-        let State { tasks, bytes } = &mut *state;
+        let mut evicted = agent_dropped.saturating_add(skipped);
+        let State { tasks, bytes, .. } = &mut *state;
         let logs = tasks.entry(task).or_insert_with(TaskLogs::new);
         let tail = logs.attempts.entry(attempt).or_insert_with(|| {
-            let tail = Tail::new(restored.flatten());
+            let tail = Tail::new(restored.and_then(|(_, log)| log));
             *bytes += tail.bytes;
             tail
         });
-        tail.next += agent_dropped;
-        tail.dropped += agent_dropped;
-        for line in lines {
-            let line = self.line(line, tail.next, now);
-            tail.next += 1;
+        tail.next = tail.next.saturating_add(evicted);
+        tail.dropped = tail.dropped.saturating_add(evicted);
+        for mut line in kept {
+            line.position = tail.next;
+            tail.next = tail.next.saturating_add(1);
             let cost = line_cost(&line);
             tail.bytes += cost;
             *bytes += cost;
             tail.lines.push_back(line);
-            while tail.bytes > self.tail_bytes {
+            while tail.bytes > self.tail_bytes && tail.lines.len() > 1 {
                 let Some(old) = tail.lines.pop_front() else { break };
                 let cost = line_cost(&old);
                 tail.bytes -= cost;
                 *bytes -= cost;
-                tail.dropped += 1;
-                evicted += 1;
+                tail.dropped = tail.dropped.saturating_add(1);
+                evicted = evicted.saturating_add(1);
             }
         }
         logs.touch();
@@ -235,7 +253,9 @@ impl LogHub {
         self.metrics.count_log_lines(0, 0, lines as u64);
     }
 
-    fn line(&self, line: pb::LogLine, position: u64, now: Millis) -> LogLine {
+    /// A received line, cut to `max_log_line_bytes`; its position is set
+    /// when it joins a tail.
+    fn line(&self, line: pb::LogLine, now: Millis) -> LogLine {
         let mut text = line.text;
         crate::validate::cut(&mut text, self.line_bytes);
         let at = line
@@ -248,7 +268,7 @@ impl LogHub {
             Ok(pb::LogStream::Stderr) => LogStream::Stderr,
             _ => LogStream::Log,
         };
-        LogLine { position, at, stream, text }
+        LogLine { position: 0, at, stream, text }
     }
 
     /// The lines of one attempt after position `after`: from the live tail
@@ -359,11 +379,12 @@ impl LogHub {
             }
             debug!(task_id = %task, attempt = log.attempt, lines = log.lines.len(), "task log persisted");
             let mut state = self.lock();
-            let State { tasks, bytes } = &mut *state;
+            let State { tasks, bytes, persisted } = &mut *state;
             let Some(entry) = tasks.get_mut(&task) else { continue };
             if entry.attempts.get(&log.attempt).is_some_and(|tail| tail.next == log.next_position) {
                 if let Some(tail) = entry.attempts.remove(&log.attempt) {
                     *bytes -= tail.bytes;
+                    *persisted += 1;
                 }
                 entry.touch();
             }

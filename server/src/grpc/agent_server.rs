@@ -24,11 +24,15 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use super::convert;
-use crate::config::ServerConfig;
+use crate::config::{Limits, ServerConfig};
 use crate::error::Error;
 use crate::logs::LogHub;
 use crate::model::{AgentId, AgentReport, TaskId};
 use crate::scheduler::{Command, CoreHandle, ToAgent};
+
+/// Most lines one `LogLines` may report as dropped by the agent: far more
+/// than any agent buffers, and small enough that positions never overflow.
+const MAX_AGENT_DROPPED: u64 = 1 << 40;
 
 /// How long a new stream may take to send its `register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -154,8 +158,18 @@ struct Session {
 impl Session {
     /// Hands log lines of a granted attempt to the hub; lines of any other
     /// attempt are counted and ignored.
-    fn log(&self, log: pb::LogLines) -> Result<(), Error> {
+    fn log(&self, log: pb::LogLines, limits: &Limits) -> Result<(), Error> {
         let (task, attempt) = convert::attempt_ref("log.attempt", log.attempt)?;
+        if log.lines.len() > limits.max_log_lines_per_message {
+            return Err(Error::ResourceExhausted(format!(
+                "log.lines: {} lines in one message, more than max_log_lines_per_message ({})",
+                log.lines.len(),
+                limits.max_log_lines_per_message
+            )));
+        }
+        if log.dropped > MAX_AGENT_DROPPED {
+            return Err(Error::invalid("log.dropped", format!("must be at most {MAX_AGENT_DROPPED}")));
+        }
         if !self.granted.set().contains(&(task, attempt)) {
             debug!(agent = %self.agent, task_id = %task, attempt, "log lines for an attempt this session does not hold");
             self.logs.ignored(log.lines.len());
@@ -201,7 +215,7 @@ async fn read(
             break;
         }
         let message = match message.msg {
-            Some(pb::agent_message::Msg::Log(log)) => match session.log(log) {
+            Some(pb::agent_message::Msg::Log(log)) => match session.log(log, &config.limits) {
                 Ok(()) => continue,
                 Err(error) => {
                     warn!(agent = %agent, %error, "closing a session that sent a malformed message");

@@ -101,7 +101,9 @@ pub(crate) async fn stream(
             cursor.complete = over;
             all_over &= over;
         }
-        if !request.follow || (task.state.is_terminal() && all_over) {
+        // One attempt is done once its log is; every attempt, once the
+        // task is finished too.
+        if !request.follow || (all_over && (task.state.is_terminal() || request.attempt.is_some())) {
             return;
         }
         tokio::select! {
@@ -132,13 +134,14 @@ async fn send_lines(tx: &Tx, attempt: u32, cursor: &mut Cursor, lines: Vec<LogLi
     let mut chunks: Vec<pb::TaskLogs> = Vec::new();
     for line in lines {
         let extends = chunks.last().is_some_and(|chunk| {
-            chunk.lines.len() < CHUNK_LINES && chunk.first_line + chunk.lines.len() as u64 == line.position
+            chunk.lines.len() < CHUNK_LINES
+                && chunk.first_line.saturating_add(chunk.lines.len() as u64) == line.position
         });
         if !extends {
             chunks.push(pb::TaskLogs {
                 attempt,
                 first_line: line.position,
-                dropped: line.position.saturating_sub(cursor.last + 1),
+                dropped: line.position.saturating_sub(cursor.last.saturating_add(1)),
                 ..pb::TaskLogs::default()
             });
         }
