@@ -1,7 +1,8 @@
 //! The default store: one sled tree with prefixed keys, so a batch touching
 //! tasks, events, agents and indexes is one atomic `apply_batch`.
 //!
-//! Keys: `t`+id → task, `u`+id → unfinished marker, `e`+seq → event,
+//! Keys: `t`+id → task, `u`+id → unfinished marker, `e`+seq → the events
+//! of one batch from that sequence on (at most `EVENTS_PER_RECORD`),
 //! `a`+id → agent, `k`+key → task id, `q`+name → queue settings,
 //! `w`+workflow id+task id → workflow membership.
 //!
@@ -17,6 +18,11 @@ use crate::model::{AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId
 const TASK: u8 = b't';
 const UNFINISHED: u8 = b'u';
 const EVENT: u8 = b'e';
+/// Events stored under one key. A batch's events go out together, so
+/// grouping them saves a tree operation per event; the bound keeps a leaf
+/// of such records (sled splits leaves past 16 entries) well under sled's
+/// blob threshold of a quarter segment.
+const EVENTS_PER_RECORD: usize = 16;
 const AGENT: u8 = b'a';
 const IDEMPOTENCY: u8 = b'k';
 const QUEUE: u8 = b'q';
@@ -48,6 +54,12 @@ fn log_key(task: TaskId, attempt: u32) -> [u8; 20] {
     k[..16].copy_from_slice(&task.to_bytes());
     k[16..].copy_from_slice(&attempt.to_be_bytes());
     k
+}
+
+/// An event record: a group of events, or one event as stores before
+/// grouping wrote them.
+fn decode_events(bytes: &[u8]) -> Result<Vec<TaskEvent>, StoreError> {
+    decode::<Vec<TaskEvent>>(bytes).or_else(|_| decode::<TaskEvent>(bytes).map(|event| vec![event]))
 }
 
 fn task_id_of(key: &[u8]) -> Result<TaskId, StoreError> {
@@ -99,6 +111,7 @@ impl SledStore {
 impl Store for SledStore {
     fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        let mut events: Vec<&TaskEvent> = Vec::new();
         for write in writes {
             match write {
                 Write::Task(task) => {
@@ -119,11 +132,16 @@ impl Store for SledStore {
                     }
                 }
                 Write::Queue(queue) => batch.insert(key(QUEUE, queue.name.as_bytes()), encode(queue)?),
-                Write::Event(event) => {
-                    batch.insert(key(EVENT, &event.sequence.to_be_bytes()), encode(event)?);
-                }
+                Write::Event(event) => events.push(event),
                 Write::Agent(agent) => batch.insert(key(AGENT, &agent.id.to_bytes()), encode(agent)?),
                 Write::RemoveAgent(id) => batch.remove(key(AGENT, &id.to_bytes())),
+            }
+        }
+        // Sequences only grow, so records never overlap and each is found
+        // by the first sequence it holds.
+        for group in events.chunks(EVENTS_PER_RECORD) {
+            if let Some(first) = group.first() {
+                batch.insert(key(EVENT, &first.sequence.to_be_bytes()), encode(&group)?);
             }
         }
         self.tree.apply_batch(batch).map_err(engine)
@@ -178,11 +196,23 @@ impl Store for SledStore {
     }
 
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
-        let start = key(EVENT, &after.saturating_add(1).to_be_bytes());
+        // The record holding `after + 1` starts at or before it.
+        let wanted = key(EVENT, &after.saturating_add(1).to_be_bytes());
+        let start = match self.tree.range(vec![EVENT]..=wanted).next_back() {
+            Some(item) => item.map_err(engine)?.0.to_vec(),
+            None => vec![EVENT],
+        };
         let mut out = Vec::new();
-        for item in self.tree.range(start..vec![EVENT + 1]).take(limit) {
+        for item in self.tree.range(start..vec![EVENT + 1]) {
             let (_, v) = item.map_err(engine)?;
-            out.push(decode(&v)?);
+            for event in decode_events(&v)? {
+                if event.sequence > after {
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                    out.push(event);
+                }
+            }
         }
         Ok(out)
     }
@@ -190,12 +220,8 @@ impl Store for SledStore {
     fn last_sequence(&self) -> Result<u64, StoreError> {
         match self.tree.scan_prefix([EVENT]).next_back() {
             Some(item) => {
-                let (k, _) = item.map_err(engine)?;
-                let bytes: [u8; 8] = k
-                    .get(1..9)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| StoreError::Codec("bad event key".into()))?;
-                Ok(u64::from_be_bytes(bytes))
+                let (_, v) = item.map_err(engine)?;
+                Ok(decode_events(&v)?.iter().map(|e| e.sequence).max().unwrap_or(0))
             }
             None => Ok(0),
         }
@@ -239,5 +265,28 @@ impl Store for SledStore {
 
     fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError> {
         self.logs.get(log_key(task, attempt)).map_err(engine)?.map(|v| decode(&v)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_event_records_of_earlier_stores_are_still_read() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path(), None)?;
+        let task = crate::store::test_task();
+        let old = crate::store::test_event(1, &task);
+        store.tree.insert(key(EVENT, &1u64.to_be_bytes()), encode(&old)?)?;
+        store.write(&[
+            Write::Event(crate::store::test_event(2, &task)),
+            Write::Event(crate::store::test_event(3, &task)),
+        ])?;
+        let seqs: Vec<u64> = store.events_after(0, 10)?.into_iter().map(|e| e.sequence).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(store.events_after(1, 10)?.len(), 2);
+        assert_eq!(store.last_sequence()?, 3);
+        Ok(())
     }
 }

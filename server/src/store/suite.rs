@@ -137,6 +137,19 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
     assert_eq!(store.workflow_tasks(workflow)?, vec![member.id]);
     assert!(store.workflow_tasks(WorkflowId(Ulid::new()))?.is_empty());
 
+    // A batch of many events, read back from any point.
+    let many: Vec<Write> = (4..=40).map(|seq| Write::Event(make_event(seq, &queued))).collect();
+    store.write(&many)?;
+    store.write(&[Write::Event(make_event(41, &queued))])?;
+    assert_eq!(store.last_sequence()?, 41);
+    for after in [0, 3, 4, 19, 20, 21, 39, 40] {
+        let seqs: Vec<u64> = store.events_after(after, 7)?.into_iter().map(|e| e.sequence).collect();
+        let expected: Vec<u64> = (after + 1..=41).take(7).collect();
+        assert_eq!(seqs, expected, "after {after}");
+    }
+    assert!(store.events_after(41, 10)?.is_empty());
+    assert_eq!(store.events_after(0, 100)?.len(), 41);
+
     let line = LogLine { position: 3, at: 5, stream: LogStream::Stderr, text: "boom".into() };
     let mut log = AttemptLog { task_id: queued.id, attempt: 2, lines: vec![line], dropped: 2, next_position: 4 };
     store.put_log(&log)?;
@@ -161,7 +174,7 @@ fn sled_store_passes_the_suite_and_keeps_data_across_reopen() -> Result<(), Box<
         run_suite(&store)?;
     }
     let store = SledStore::open(dir.path(), None)?;
-    assert_eq!(store.last_sequence()?, 3);
+    assert_eq!(store.last_sequence()?, 41);
     assert_eq!(store.unfinished_tasks()?.len(), 2, "the queued task and the workflow member");
     assert_eq!(store.queues()?.len(), 1);
     let logged = store.tasks_after(None, 10, false)?.into_iter().find_map(|t| store.log(t.id, 2).transpose());
