@@ -222,6 +222,17 @@ async fn next_session(sessions: &mut mpsc::UnboundedReceiver<ScriptedSession>) -
         .context("server gone")
 }
 
+/// The agent's next session, answered as a fresh registration with a 30 s
+/// lease.
+async fn registered_session(
+    sessions: &mut mpsc::UnboundedReceiver<ScriptedSession>,
+) -> anyhow::Result<ScriptedSession> {
+    let mut session = next_session(sessions).await?;
+    session.expect_register().await?;
+    session.registered(false, Duration::from_secs(30));
+    Ok(session)
+}
+
 /// A running agent under test.
 struct TestAgent {
     shutdown: CancellationToken,
@@ -373,9 +384,7 @@ async fn assignment_is_accepted_reported_and_completed_then_drain_stops_the_agen
 async fn panicking_and_unknown_handlers_fail_with_their_reasons() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
 
     session.assign("t1", "panic", b"");
     session.expect_accept("t1").await?;
@@ -400,9 +409,7 @@ async fn panicking_and_unknown_handlers_fail_with_their_reasons() -> anyhow::Res
 async fn server_cancel_reports_cancelled_and_not_retryable() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
 
     session.assign("t1", "wait", b"");
     session.expect_accept("t1").await?;
@@ -424,9 +431,7 @@ async fn server_cancel_reports_cancelled_and_not_retryable() -> anyhow::Result<(
 async fn unacknowledged_result_is_resent_after_reconnect_with_resume_token() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
     session.assign("t1", "echo", b"again");
     session.expect_accept("t1").await?;
     session.recv().await?; // progress
@@ -450,9 +455,7 @@ async fn unacknowledged_result_is_resent_after_reconnect_with_resume_token() -> 
 async fn drain_cancels_work_after_grace_and_reports_it_retryable() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_millis(200))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
     session.assign("t1", "wait", b"");
     session.expect_accept("t1").await?;
 
@@ -505,9 +508,7 @@ async fn follower_redirect_leads_the_agent_to_the_leader() -> anyhow::Result<()>
     let follower = spawn_service(Follower { leader: leader.trim_start_matches("http://").to_owned() }).await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&follower, Duration::from_secs(5))?;
 
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
     session.assign("t1", "echo", b"x");
     session.expect_accept("t1").await?;
     session.recv().await?; // progress
@@ -522,9 +523,7 @@ async fn follower_redirect_leads_the_agent_to_the_leader() -> anyhow::Result<()>
 async fn rapid_progress_is_coalesced_and_the_latest_precedes_the_result() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
 
     session.assign("t1", "chatty", b"");
     session.expect_accept("t1").await?;
@@ -549,9 +548,7 @@ async fn rapid_progress_is_coalesced_and_the_latest_precedes_the_result() -> any
 async fn log_lines_arrive_in_order_with_their_streams_before_the_result() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
 
     session.assign("t1", "log", b"");
     session.expect_accept("t1").await?;
@@ -582,9 +579,7 @@ async fn log_lines_arrive_in_order_with_their_streams_before_the_result() -> any
 async fn a_flood_of_lines_is_batched_into_few_messages_and_every_line_is_accounted_for() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
 
     session.assign("t1", "flood", b"");
     session.expect_accept("t1").await?;
@@ -611,9 +606,7 @@ async fn a_flood_of_lines_is_batched_into_few_messages_and_every_line_is_account
 async fn lines_logged_one_at_a_time_are_batched_without_loss() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let TestAgent { shutdown, run, .. } = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
 
     session.assign("t1", "drip", b"");
     session.expect_accept("t1").await?;
@@ -634,9 +627,7 @@ async fn lines_logged_one_at_a_time_are_batched_without_loss() -> anyhow::Result
 async fn lines_logged_while_disconnected_are_sent_after_reconnecting_and_before_the_result() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let mut agent = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
     session.assign("t1", "relay", b"");
     session.expect_accept("t1").await?;
     agent.relay(Some("online")).await?;
@@ -674,9 +665,7 @@ async fn lines_logged_while_disconnected_are_sent_after_reconnecting_and_before_
 async fn lines_of_a_dropped_attempt_are_never_sent() -> anyhow::Result<()> {
     let (endpoint, mut sessions) = spawn_server().await?;
     let mut agent = spawn_agent(&endpoint, Duration::from_secs(5))?;
-    let mut session = next_session(&mut sessions).await?;
-    session.expect_register().await?;
-    session.registered(false, Duration::from_secs(30));
+    let mut session = registered_session(&mut sessions).await?;
     session.assign("t1", "relay", b"");
     session.expect_accept("t1").await?;
 

@@ -253,6 +253,23 @@ async fn wait_for(count: &AtomicU64, target: u64, limit: Duration) -> anyhow::Re
     Ok(())
 }
 
+/// Ends a run: checks the final state against what the fleet ran, then
+/// stops the agents, the watcher and the server.
+async fn finish(
+    client: &Client,
+    submitted: &HashSet<String>,
+    fleet: Fleet,
+    watcher: tokio::task::JoinHandle<()>,
+    server: ServerProcess,
+) -> anyhow::Result<Value> {
+    let runs = fleet.runs.lock().await.clone();
+    let check = verify(client, submitted, &runs).await?;
+    fleet.stop().await;
+    watcher.abort();
+    server.kill();
+    Ok(check)
+}
+
 /// Checks the final state: every submitted task SUCCEEDED, exactly once.
 async fn verify(client: &Client, submitted: &HashSet<String>, runs: &HashMap<String, u32>) -> anyhow::Result<Value> {
     let mut succeeded = 0usize;
@@ -321,11 +338,7 @@ async fn burn_down(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> 
     let cpu = server.cpu_seconds() - cpu_before;
     let peak = server.memory("VmHWM");
     let submitted = submitted.lock().await.clone();
-    let runs = fleet.runs.lock().await.clone();
-    let check = verify(&client, &submitted, &runs).await?;
-    fleet.stop().await;
-    watcher.abort();
-    server.kill();
+    let check = finish(&client, &submitted, fleet, watcher, server).await?;
     Ok(json!({
         "durability": durability,
         "tasks": args.tasks,
@@ -392,11 +405,7 @@ async fn latency(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> {
         .collect();
     let achieved = total as f64 / arrival_seconds;
     let submitted: HashSet<String> = ids.keys().cloned().collect();
-    let runs = fleet.runs.lock().await.clone();
-    let check = verify(&client, &submitted, &runs).await?;
-    fleet.stop().await;
-    watcher.abort();
-    server.kill();
+    let check = finish(&client, &submitted, fleet, watcher, server).await?;
     Ok(json!({
         "durability": durability,
         "target_rate": args.rate,

@@ -137,14 +137,6 @@ pub(crate) struct LogRead {
     pub(crate) live: bool,
 }
 
-/// Why an appended batch was not taken.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum AppendError {
-    /// The store could not be read to continue an earlier tail.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 impl LogHub {
     /// A hub and the queue its persister ([`run_persister`]) drains.
     pub(crate) fn new(
@@ -184,7 +176,7 @@ impl LogHub {
         attempt: u32,
         lines: Vec<pb::LogLine>,
         agent_dropped: u64,
-    ) -> Result<(), AppendError> {
+    ) -> Result<(), StoreError> {
         // Lines are built, and those a full tail would drop at once are
         // skipped, before the lock is taken.
         let now = now_millis();

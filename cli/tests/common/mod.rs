@@ -240,22 +240,19 @@ pub fn spawn_serve_process(data_dir: &Path, extra: &[&str]) -> (Process, String)
 
 /// Starts `muster shell-agent` against `endpoint`.
 pub fn spawn_shell_agent_process(endpoint: &str, name: &str) -> Process {
-    let child = Command::new(muster_bin())
-        .args(["--server", endpoint, "shell-agent", "--name", name, "--slots", "2"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Process { child }
+    shell_agent_process(endpoint, name, &[])
 }
 
 /// Starts `muster shell-agent` against `endpoint`, serving metrics on a
 /// free port (announced to the server, found through `/sd/agents`).
 pub fn spawn_shell_agent_process_with_metrics(endpoint: &str, name: &str) -> Process {
+    shell_agent_process(endpoint, name, &["--metrics-listen", "127.0.0.1:0"])
+}
+
+fn shell_agent_process(endpoint: &str, name: &str, extra: &[&str]) -> Process {
     let child = Command::new(muster_bin())
         .args(["--server", endpoint, "shell-agent", "--name", name, "--slots", "2"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::convert;
+use super::task_server::{blocking, read_task};
 use crate::error::Error;
 use crate::logs::{Follower, LogHub, attempt_over};
-use crate::model::{LogLine, LogStream, Task, TaskEvent, TaskId};
+use crate::model::{LogLine, LogStream, TaskEvent, TaskId};
 use crate::store::Store;
 
 /// Most lines in one streamed message.
@@ -79,18 +80,11 @@ pub(crate) async fn stream(
             if cursor.complete {
                 continue;
             }
-            let read = {
-                let (hub, id, after) = (hub.clone(), task.id, cursor.last);
-                tokio::task::spawn_blocking(move || hub.read(id, attempt, after)).await
-            };
-            let read = match read {
-                Ok(Ok(read)) => read,
-                Ok(Err(error)) => {
-                    let _ = tx.send(Err(Error::from(error).into())).await;
-                    return;
-                }
-                Err(error) => {
-                    let _ = tx.send(Err(Status::internal(format!("log read failed: {error}")))).await;
+            let (reader, id, after) = (hub.clone(), task.id, cursor.last);
+            let read = match blocking(move || reader.read(id, attempt, after).map_err(Error::from)).await {
+                Ok(read) => read,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
                     return;
                 }
             };
@@ -117,15 +111,6 @@ pub(crate) async fn stream(
             }
         }
     }
-}
-
-async fn read_task(store: &Arc<dyn Store>, id: TaskId) -> Result<Task, Status> {
-    let store = store.clone();
-    let task = tokio::task::spawn_blocking(move || store.task(id))
-        .await
-        .map_err(|e| Status::internal(format!("store read task failed: {e}")))?
-        .map_err(Error::from)?;
-    Ok(task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?)
 }
 
 /// Sends `lines` in messages of consecutive positions, the last one marked

@@ -17,7 +17,7 @@ use super::task_logs::{self, LogRequest};
 use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::logs::LogHub;
-use crate::model::{EventKind, TaskEvent, TaskFilter, TaskId, TaskState, WorkflowId};
+use crate::model::{EventKind, Task, TaskEvent, TaskFilter, TaskId, TaskState, WorkflowId};
 use crate::scheduler::{Command, CoreHandle};
 use crate::store::Store;
 use crate::validate;
@@ -58,11 +58,21 @@ impl WatchFilter {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Status> {
+/// Runs store work off the async threads.
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Status::internal(format!("store read task failed: {e}")))?
+        .map_err(|e| Status::internal(format!("store read failed: {e}")))?
         .map_err(Status::from)
+}
+
+/// One task from the store, or NOT_FOUND.
+pub(super) async fn read_task(store: &Arc<dyn Store>, id: TaskId) -> Result<Task, Status> {
+    let store = store.clone();
+    let task = blocking(move || store.task(id).map_err(Error::from)).await?;
+    Ok(task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?)
 }
 
 impl TaskHandler {
@@ -116,9 +126,7 @@ impl pb::task_service_server::TaskService for TaskHandler {
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let id = convert::task_id("id", &request.into_inner().id)?;
-        let store = self.store.clone();
-        let task = blocking(move || store.task(id).map_err(Error::from)).await?;
-        let task = task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?;
+        let task = read_task(&self.store, id).await?;
         Ok(Response::new(convert::task_to_pb(&task)))
     }
 
@@ -234,11 +242,7 @@ impl pb::task_service_server::TaskService for TaskHandler {
             attempt: Some(request.attempt).filter(|a| *a > 0),
             follow: request.follow,
         };
-        let store = self.store.clone();
-        let id = request.task;
-        if blocking(move || store.task(id).map_err(Error::from)).await?.is_none() {
-            return Err(Error::NotFound(format!("task {id} not found")).into());
-        }
+        read_task(&self.store, request.task).await?;
         let (tx, rx) = mpsc::channel(64);
         let (store, hub, events, shutdown) =
             (self.store.clone(), self.logs.clone(), self.events.clone(), self.shutdown.clone());
