@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["muster/v1/task.proto", "muster/v1/agent.proto", "muster/v1/fleet.proto"];
+    let files = ["muster/v1/task.proto", "muster/v1/agent.proto", "muster/v1/fleet.proto", "muster/v1/admin.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

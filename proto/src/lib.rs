@@ -9,6 +9,8 @@ mod generated {
     tonic::include_proto!("muster.v1");
 }
 
+pub mod trace_context;
+
 /// The generated `muster.v1` types, clients and servers.
 pub mod pb {
     pub use crate::generated::*;
@@ -16,10 +18,6 @@ pub mod pb {
 
 /// The encoded `FileDescriptorSet` of `muster.v1`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/muster_descriptor.bin"));
-
-/// The version of the protocol spoken by this crate, sent by agents at
-/// registration.
-pub const PROTOCOL_VERSION: &str = "muster.v1";
 
 impl pb::AttemptRef {
     /// Builds a reference to attempt `attempt` of task `task_id`.

@@ -1,12 +1,14 @@
 //! Server configuration: one typed struct, filled in layers by the CLI
 //! (defaults, TOML file, `MUSTER_*` environment, flags).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::Role;
 use crate::error::Error;
 
 /// When a write is acknowledged.
@@ -66,6 +68,83 @@ pub struct ServerConfig {
     pub default_retry: RetryDefaults,
     /// Input limits.
     pub limits: Limits,
+    /// TLS on the gRPC and HTTP listeners; plaintext when unset.
+    pub tls: Option<TlsConfig>,
+    /// Who may call, and as what.
+    pub auth: AuthConfig,
+    /// Allows listening on a non-loopback address without TLS and
+    /// authentication. Anyone who reaches the port can then do anything.
+    pub insecure: bool,
+}
+
+/// The server's certificate and, for mutual TLS, the CA that signs client
+/// certificates. The files are re-read when they change (checked every
+/// `reload_interval`) and on SIGHUP; connections already open keep the
+/// certificate they were made with.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates; when set, every client must present a
+    /// certificate signed by one of them (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for changes.
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Authentication and authorization.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether every call needs a credential. Unset: on exactly when TLS is
+    /// configured.
+    pub enabled: Option<bool>,
+    /// The secret of the first admin token, used when the store holds no
+    /// token yet (otherwise one is generated and written to
+    /// `<data_dir>/admin.token`). Usually set through
+    /// `MUSTER_BOOTSTRAP_TOKEN`.
+    pub bootstrap_token: Option<String>,
+    /// Client certificates (mutual TLS) that act as identities without a
+    /// token, by the subject's common name.
+    pub client_certs: Vec<CertIdentity>,
+}
+
+/// A client certificate subject mapped to a role and scope.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertIdentity {
+    /// The certificate subject's common name (CN) to match exactly.
+    pub common_name: String,
+    /// The role it acts with.
+    pub role: Role,
+    /// The name recorded as its actor; `cert:<common_name>` when unset.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Queues it is limited to (empty: all).
+    #[serde(default)]
+    pub queues: Vec<String>,
+    /// Capabilities an agent may register (empty: all).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Labels an agent's registration must carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl AuthConfig {
+    /// Whether credentials are required, given whether TLS is on.
+    pub fn is_enabled(&self, tls: bool) -> bool {
+        self.enabled.unwrap_or(tls)
+    }
 }
 
 impl Default for ServerConfig {
@@ -83,13 +162,65 @@ impl Default for ServerConfig {
             default_timeout: Duration::from_secs(300),
             default_retry: RetryDefaults::default(),
             limits: Limits::default(),
+            tls: None,
+            auth: AuthConfig::default(),
+            insecure: false,
         }
     }
 }
 
 impl ServerConfig {
+    /// Whether every call needs a credential.
+    pub fn auth_enabled(&self) -> bool {
+        self.auth.is_enabled(self.tls.is_some())
+    }
+
+    /// Refuses to expose an unauthenticated or plaintext server beyond this
+    /// machine unless `insecure` says the operator means it.
+    fn check_exposure(&self) -> Result<(), Error> {
+        if self.insecure {
+            return Ok(());
+        }
+        for (field, addr) in [("listen", self.listen), ("http_listen", self.http_listen)] {
+            if addr.ip().is_loopback() {
+                continue;
+            }
+            let missing = match (self.tls.is_some(), self.auth_enabled()) {
+                (true, true) => continue,
+                (false, false) => "TLS and authentication",
+                (false, true) => "TLS",
+                (true, false) => "authentication",
+            };
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "{addr} is reachable beyond this machine, but {missing} is off: anyone who reaches it could \
+                     read every payload and run anything; configure tls (--tls-cert, --tls-key) with auth on, \
+                     or pass --insecure if that is really intended"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<(), Error> {
+        self.check_exposure()?;
+        if !self.auth.client_certs.is_empty() && self.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            return Err(Error::invalid(
+                "auth.client_certs",
+                "certificate identities need mutual TLS: set tls.client_ca (--tls-client-ca)",
+            ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(Error::invalid("limits.max_connections", "must be greater than zero"));
+        }
+        if self.limits.max_session_queue == 0 {
+            return Err(Error::invalid("limits.max_session_queue", "must be greater than zero"));
+        }
+        if self.limits.handshake_timeout.is_zero() {
+            return Err(Error::invalid("limits.handshake_timeout", "must be greater than zero"));
+        }
         if self.lease_ttl.is_zero() {
             return Err(Error::invalid("lease_ttl", "must be greater than zero"));
         }
@@ -117,6 +248,26 @@ impl ServerConfig {
                 format!("must be between 1 and max_attempts ({})", self.limits.max_attempts),
             ));
         }
+        let retry = &self.default_retry;
+        for (field, backoff) in
+            [("default_retry.initial_backoff", retry.initial_backoff), ("default_retry.max_backoff", retry.max_backoff)]
+        {
+            if backoff > self.limits.max_retry_backoff {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "must be at most max_retry_backoff ({})",
+                        crate::validate::limit_text(self.limits.max_retry_backoff)
+                    ),
+                ));
+            }
+        }
+        if retry.max_backoff < retry.initial_backoff {
+            return Err(Error::invalid("default_retry.max_backoff", "must not be shorter than initial_backoff"));
+        }
+        if !(1.0..=100.0).contains(&retry.multiplier) {
+            return Err(Error::invalid("default_retry.multiplier", "must be between 1 and 100"));
+        }
         Ok(())
     }
 }
@@ -139,11 +290,12 @@ pub struct RetryDefaults {
 
 impl Default for RetryDefaults {
     fn default() -> Self {
+        let policy = crate::model::RetryPolicy::default();
         Self {
-            max_attempts: 3,
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(60),
-            multiplier: 2.0,
+            max_attempts: policy.max_attempts,
+            initial_backoff: policy.initial_backoff,
+            max_backoff: policy.max_backoff,
+            multiplier: policy.multiplier,
         }
     }
 }
@@ -161,6 +313,10 @@ pub struct Limits {
     pub max_tasks_per_submit: usize,
     /// Most unfinished tasks the server holds.
     pub max_unfinished_tasks: usize,
+    /// Most payload bytes the unfinished tasks hold together: the scheduler
+    /// keeps them in memory until they finish, so this bounds its memory
+    /// whatever the task count.
+    pub max_unfinished_payload_bytes: u64,
     /// Most labels on an agent or entries in a selector.
     pub max_labels: usize,
     /// Most metadata entries on a task.
@@ -184,8 +340,21 @@ pub struct Limits {
     /// Longest execution timeout.
     #[serde(with = "humantime_serde")]
     pub max_timeout: Duration,
+    /// Longest time a task may wait queued (`queue_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub max_queue_timeout: Duration,
+    /// Longest retry backoff, initial or cap.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_backoff: Duration,
+    /// Farthest a task's `not_before` may lie in the future.
+    #[serde(with = "humantime_serde")]
+    pub max_not_before_ahead: Duration,
     /// Most messages per second one agent session may send.
     pub max_agent_messages_per_second: u32,
+    /// Most messages waiting to be sent to one agent session; an agent that
+    /// stops reading its stream while they pile up past it is disconnected
+    /// (RESOURCE_EXHAUSTED), so it cannot grow the server's memory.
+    pub max_session_queue: usize,
     /// Most dependencies one task declares.
     pub max_dependencies_per_task: usize,
     /// Most locks one task declares.
@@ -200,7 +369,26 @@ pub struct Limits {
     pub max_log_line_bytes: usize,
     /// Most lines in one `LogLines` message from an agent.
     pub max_log_lines_per_message: usize,
+    /// Most connections open at once on each listener; past it the server
+    /// stops accepting until one closes.
+    pub max_connections: usize,
+    /// How long a new connection has to complete its TLS handshake and send
+    /// its first bytes (the HTTP/2 preface on the gRPC port) before it is
+    /// closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    pub max_concurrent_streams: u32,
+    /// Largest request header block, in bytes.
+    pub max_header_bytes: u32,
+    /// Most calls per second one credential (or, without authentication,
+    /// one client address) may start, with bursts of twice that; past it
+    /// calls get RESOURCE_EXHAUSTED.
+    pub max_requests_per_second: u32,
 }
+
+/// Seconds in a day.
+const DAY: u64 = 24 * 3600;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -209,6 +397,7 @@ impl Default for Limits {
             max_output_bytes: 1 << 20,
             max_tasks_per_submit: 10_000,
             max_unfinished_tasks: 1_000_000,
+            max_unfinished_payload_bytes: 512 << 20,
             max_labels: 32,
             max_metadata_entries: 32,
             max_key_len: 63,
@@ -219,14 +408,46 @@ impl Default for Limits {
             max_agent_slots: 1024,
             max_message_bytes: 16 << 20,
             max_attempts: 100,
-            max_timeout: Duration::from_secs(7 * 24 * 3600),
+            max_timeout: Duration::from_secs(7 * DAY),
+            max_queue_timeout: Duration::from_secs(30 * DAY),
+            max_retry_backoff: Duration::from_secs(DAY),
+            max_not_before_ahead: Duration::from_secs(365 * DAY),
             max_agent_messages_per_second: 10_000,
+            max_session_queue: 4096,
             max_dependencies_per_task: 10_000,
             max_locks_per_task: 16,
             max_message_len: 4096,
             max_log_bytes_per_attempt: 256 << 10,
             max_log_line_bytes: 16 << 10,
             max_log_lines_per_message: 4096,
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 1024,
+            max_header_bytes: 16 << 10,
+            max_requests_per_second: 2000,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(config: &ServerConfig) -> String {
+        config.validate().err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn default_retry_is_held_to_the_same_bounds_as_a_task() {
+        assert!(ServerConfig::default().validate().is_ok());
+        let mut config = ServerConfig::default();
+        config.default_retry.max_backoff = Duration::from_secs(2 * 24 * 3600);
+        assert!(message(&config).contains("default_retry.max_backoff: must be at most max_retry_backoff (1d)"));
+        let mut config = ServerConfig::default();
+        config.default_retry.multiplier = f64::NAN;
+        assert!(message(&config).contains("default_retry.multiplier"));
+        let mut config = ServerConfig::default();
+        config.default_retry.initial_backoff = Duration::from_secs(120);
+        assert!(message(&config).contains("must not be shorter than initial_backoff"));
     }
 }

@@ -1,7 +1,6 @@
 //! The domain error. The gRPC layer maps each variant to one status code in
-//! exactly one place (`grpc::status`).
-
-use crate::store::StoreError;
+//! exactly one place (`grpc::status`). This module depends on nothing else
+//! in the crate, so every layer can use it without a cycle.
 
 /// What can go wrong in the domain core, by the caller's point of view.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +22,15 @@ pub enum Error {
     /// A size, count or rate limit was reached.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The named thing exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The caller presented no valid credential.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role or scope does not allow this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The server is shutting down or its core has stopped.
     #[error("{0}")]
     Unavailable(String),
@@ -49,4 +57,18 @@ impl Error {
             other => other,
         }
     }
+}
+
+/// A failure of the storage engine or of a stored record.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The engine reported an error.
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// A record could not be encoded or decoded.
+    #[error("record codec: {0}")]
+    Codec(String),
+    /// The store cannot be opened as asked: missing, or in use.
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -10,15 +10,21 @@
 //! # }
 //! ```
 
+pub mod auth;
 pub mod config;
+mod data_dir;
 pub mod error;
 mod grpc;
 mod http;
 mod logs;
 pub mod metrics;
 pub mod model;
+mod net;
+mod rate;
 mod scheduler;
 pub mod store;
+mod store_stats;
+mod supervise;
 mod trace_context;
 pub mod validate;
 
@@ -28,13 +34,16 @@ use std::sync::Arc;
 use muster_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use config::{Durability, Limits, ServerConfig};
+pub use auth::tokens::ADMIN_TOKEN_FILE;
+pub use config::{AuthConfig, CertIdentity, Durability, Limits, ServerConfig, TlsConfig};
 pub use error::Error;
+pub use net::TlsError;
 
+use grpc::admin_server::AdminHandler;
 use grpc::agent_server::AgentHandler;
 use grpc::fleet_server::FleetHandler;
 use grpc::task_server::TaskHandler;
@@ -59,6 +68,13 @@ pub enum ServerError {
     /// The metrics registry could not be set up.
     #[error("{0}")]
     Metrics(#[from] metrics::MetricsError),
+    /// The TLS certificate, key or client CA could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The scheduler or the store writer stopped while the server was
+    /// serving; the server shut down rather than answer UNAVAILABLE.
+    #[error("fatal: {0}")]
+    Fatal(String),
 }
 
 /// Queue depth between the gRPC handlers and the scheduler.
@@ -94,8 +110,9 @@ impl RunningServer {
         self.wait().await
     }
 
-    /// Waits until the server stops (its shutdown token fired, or the store
-    /// failed).
+    /// Waits until the server stops: `Ok` after a shutdown through its
+    /// token, [`ServerError::Fatal`] when the scheduler or the store writer
+    /// failed.
     pub async fn wait(self) -> Result<(), ServerError> {
         match self.done.await {
             Ok(result) => result,
@@ -104,72 +121,101 @@ impl RunningServer {
     }
 }
 
-/// Accepted gRPC connections with `TCP_NODELAY` set: tonic's own setting
-/// applies only to listeners it binds, and without it small replies wait
-/// for the peer's delayed ACK (tens of milliseconds per message).
-fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
-/// Opens the sled store in `config.data_dir` and starts serving.
+/// Opens the sled store in `config.data_dir` and starts serving. The
+/// directory is created mode 0700, or tightened to it, and what it already
+/// holds loses its group and other permissions; files created later follow
+/// the process umask (`muster serve` sets 0077).
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir)?;
+    data_dir::secure(&config.data_dir)?;
     let flush_every = match config.durability {
         Durability::Sync => None,
         Durability::Relaxed => Some(config.relaxed_flush_interval),
     };
     let store = SledStore::open_with_cache(&config.data_dir, flush_every, config.store_cache_bytes)?;
-    start_with_store(config, Arc::new(store), shutdown).await
+    let dir = config.data_dir.clone();
+    serve(config, Arc::new(store), Some(dir), shutdown).await
 }
 
 /// Starts serving on `config.listen` and `config.http_listen` with the
-/// given store. Cancelling `shutdown` stops the server gracefully.
+/// given store. Cancelling `shutdown` stops the server gracefully. The
+/// store's records are counted for the metrics, but with no directory
+/// known to hold it, its size and free disk space are not exported.
 pub async fn start_with_store(
     config: ServerConfig,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> Result<RunningServer, ServerError> {
+    serve(config, store, None, shutdown).await
+}
+
+/// [`start_with_store`], measuring `store_dir` (the store's directory) for
+/// the size and free-space gauges.
+async fn serve(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    store_dir: Option<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) -> Result<RunningServer, ServerError> {
     config.validate()?;
     let config = Arc::new(config);
+    let tls = config.tls.as_ref().map(net::TlsReloader::load).transpose()?.map(Arc::new);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let tokens = Arc::new(auth::TokenTable::new(auth::bootstrap(&config, store.as_ref(), now_ms)?));
+    let certs = Arc::new(auth::CertIdentities::new(&config.auth.client_certs));
+    let gate =
+        Arc::new(auth::gate::Gate::new(config.auth_enabled(), tokens.clone(), config.limits.max_requests_per_second));
     let grpc_listener = TcpListener::bind(config.listen).await?;
     let http_listener = TcpListener::bind(config.http_listen).await?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let limits = &config.limits;
+    let grpc_conns =
+        net::accept(grpc_listener, net::Protocol::Grpc, tls.clone(), certs.clone(), limits, shutdown.clone());
+    let http_conns = net::accept(http_listener, net::Protocol::Http, tls.clone(), certs, limits, shutdown.clone());
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch(shutdown.clone()));
+    }
 
-    let core = scheduler::core::Core::recover(config.clone(), store.clone(), tokio::time::Instant::now())?;
+    let core = scheduler::engine::Core::recover(config.clone(), store.clone(), tokio::time::Instant::now())?;
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (outboxes, outbox_rx) = mpsc::channel(WRITER_QUEUE);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let metrics = metrics::Metrics::new()?;
     let (log_hub, ended_logs) = logs::LogHub::new(store.clone(), &config.limits, metrics.clone());
     let log_hub = Arc::new(log_hub);
-    let writer = scheduler::driver::spawn_writer(
+    let fault = supervise::Fault::new(shutdown.clone());
+    let writer = scheduler::driver::Writer::new(
         store.clone(),
         config.durability,
-        outbox_rx,
         events.clone(),
         metrics.clone(),
         log_hub.clone(),
-        shutdown.clone(),
-    )?;
+    );
+    let writer = scheduler::driver::spawn_writer(writer, outbox_rx, fault.clone())?;
     let scheduler = tokio::spawn(scheduler::driver::run_core(core, command_rx, outboxes, shutdown.clone()));
     let log_persister = tokio::spawn(logs::run_persister(log_hub.clone(), ended_logs, shutdown.clone()));
+    let store_stats = tokio::spawn(store_stats::run(metrics.clone(), store.clone(), store_dir, shutdown.clone()));
     let core = CoreHandle::new(commands);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::task_service_server::TaskServiceServer<TaskHandler>>().await;
     health.set_serving::<pb::agent_service_server::AgentServiceServer<AgentHandler>>().await;
     health.set_serving::<pb::fleet_service_server::FleetServiceServer<FleetHandler>>().await;
+    health.set_serving::<pb::admin_service_server::AdminServiceServer<AdminHandler>>().await;
+    let supervisor = tokio::spawn(supervise::watch_scheduler(scheduler, fault.clone(), health, shutdown.clone()));
+    // Both reflection versions: grpcurl, Postman and Python's
+    // grpcio-reflection still speak v1alpha.
+    let health_descriptor = grpc::health_descriptor_set();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(muster_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(&health_descriptor)
         .build_v1()
+        .map_err(|e| ServerError::Io(std::io::Error::other(e)))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(muster_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(&health_descriptor)
+        .build_v1alpha()
         .map_err(|e| ServerError::Io(std::io::Error::other(e)))?;
 
     let max = config.limits.max_message_bytes;
@@ -183,13 +229,19 @@ pub async fn start_with_store(
     };
     let agents = AgentHandler { core: core.clone(), logs: log_hub, config: config.clone(), shutdown: shutdown.clone() };
     let fleet = FleetHandler { core: core.clone(), config: config.clone() };
+    let admin = AdminHandler { core: core.clone(), tokens, config: config.clone(), changing: Default::default() };
     let grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(config.heartbeat_interval))
         .http2_keepalive_timeout(Some(config.lease_ttl))
+        .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
+        .http2_max_header_list_size(Some(config.limits.max_header_bytes))
+        // Outermost, so calls the gate refuses are counted too.
         .layer(grpc::metrics_layer::GrpcMetricsLayer::new(metrics.clone()))
+        .layer(auth::gate::GateLayer::new(gate.clone()))
+        .layer(grpc::inbound_layer::InboundErrorsLayer::new(max))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             pb::task_service_server::TaskServiceServer::new(tasks)
                 .max_decoding_message_size(max)
@@ -205,25 +257,47 @@ pub async fn start_with_store(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(incoming(grpc_listener), shutdown.clone().cancelled_owned());
-    let http = axum::serve(http_listener, http::router(http::HttpState { shutdown: shutdown.clone(), core, metrics }))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::new(admin)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::StreamExt::map(ReceiverStream::new(grpc_conns), Ok::<_, std::io::Error>),
+            shutdown.clone().cancelled_owned(),
+        );
+    let router = http::router(http::HttpState { shutdown: shutdown.clone(), fault: fault.clone(), core, metrics })
+        .layer(axum::middleware::from_fn_with_state(gate, auth::gate::http_gate));
+    let http = http::serve(http_conns, router, config.limits.handshake_timeout, shutdown.clone());
 
-    info!(%grpc_addr, %http_addr, durability = ?config.durability, "muster server listening");
+    info!(
+        %grpc_addr,
+        %http_addr,
+        durability = ?config.durability,
+        tls = tls.is_some(),
+        auth = config.auth_enabled(),
+        "muster server listening"
+    );
     let token = shutdown.clone();
     let done = tokio::spawn(async move {
-        let (grpc, http) = tokio::join!(grpc, async { http.await });
+        let (grpc, http) = tokio::join!(grpc, http);
         token.cancel();
-        let _ = scheduler.await;
+        let _ = supervisor.await;
         // Live tails are written before the writer's last flush makes them
         // durable.
         let _ = log_persister.await;
+        // A count under way holds the store: it ends before the writer's
+        // last flush.
+        let _ = store_stats.await;
         // The scheduler is gone, so the writer's queue closes: it drains,
         // flushes and ends.
-        tokio::task::spawn_blocking(move || writer.join())
-            .await
-            .map_err(std::io::Error::other)?
-            .map_err(|_| std::io::Error::other("the store writer panicked"))?;
+        let joined = tokio::task::spawn_blocking(move || writer.join()).await.map_err(std::io::Error::other)?;
+        if joined.is_err() {
+            fault.raise("the store writer panicked");
+        }
+        if let Some(reason) = fault.reason() {
+            return Err(ServerError::Fatal(reason.to_owned()));
+        }
         info!("muster server stopped");
         grpc?;
         http?;
@@ -231,3 +305,6 @@ pub async fn start_with_store(
     });
     Ok(RunningServer { grpc_addr, http_addr, shutdown, done })
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -20,16 +20,15 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use muster_proto::pb;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
-use crate::model::{AttemptLog, LogLine, LogStream, Millis, Task, TaskEvent, TaskId};
+use crate::model::{AttemptLog, LogLine, Task, TaskEvent, TaskId};
 use crate::store::{Store, StoreError};
 
 /// Memory a kept line costs beyond its text.
@@ -42,7 +41,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) struct LogHub {
     store: Arc<dyn Store>,
     tail_bytes: usize,
-    line_bytes: usize,
     metrics: Arc<Metrics>,
     /// Tasks with a tail or a follower; lets the event path skip the lock
     /// while nobody logs.
@@ -148,7 +146,6 @@ impl LogHub {
         let hub = Self {
             store,
             tail_bytes: limits.max_log_bytes_per_attempt,
-            line_bytes: limits.max_log_line_bytes,
             metrics,
             live: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
@@ -174,17 +171,15 @@ impl LogHub {
         &self,
         task: TaskId,
         attempt: u32,
-        lines: Vec<pb::LogLine>,
+        lines: Vec<LogLine>,
         agent_dropped: u64,
     ) -> Result<(), StoreError> {
-        // Lines are built, and those a full tail would drop at once are
-        // skipped, before the lock is taken.
-        let now = now_millis();
+        // Lines a full tail would drop at once are skipped before the lock
+        // is taken.
         let received = lines.len() as u64;
         let mut kept: Vec<LogLine> = Vec::new();
         let mut kept_bytes = 0;
         for line in lines.into_iter().rev() {
-            let line = self.line(line, now);
             kept_bytes += line_cost(&line);
             if kept_bytes > self.tail_bytes && !kept.is_empty() {
                 break;
@@ -243,24 +238,6 @@ impl LogHub {
     /// Counts lines a session sent for an attempt it does not hold.
     pub(crate) fn ignored(&self, lines: usize) {
         self.metrics.count_log_lines(0, 0, lines as u64);
-    }
-
-    /// A received line, cut to `max_log_line_bytes`; its position is set
-    /// when it joins a tail.
-    fn line(&self, line: pb::LogLine, now: Millis) -> LogLine {
-        let mut text = line.text;
-        crate::validate::cut(&mut text, self.line_bytes);
-        let at = line
-            .time
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(now, |d| d.as_millis() as Millis);
-        let stream = match pb::LogStream::try_from(line.stream) {
-            Ok(pb::LogStream::Stdout) => LogStream::Stdout,
-            Ok(pb::LogStream::Stderr) => LogStream::Stderr,
-            _ => LogStream::Log,
-        };
-        LogLine { position: 0, at, stream, text }
     }
 
     /// The lines of one attempt after position `after`: from the live tail
@@ -441,12 +418,10 @@ pub(crate) async fn run_persister(
     hub.persist_all();
 }
 
-fn now_millis() -> Millis {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as Millis)
-}
-
 #[cfg(test)]
 mod tests {
+    use muster_proto::pb;
+
     use super::*;
     use crate::model::TaskState;
     use crate::store::{MemoryStore, Write, test_task};
@@ -464,8 +439,11 @@ mod tests {
         (Arc::new(hub), store, ended)
     }
 
-    fn lines(texts: &[&str]) -> Vec<pb::LogLine> {
-        texts.iter().map(|t| pb::LogLine { text: (*t).to_owned(), ..pb::LogLine::default() }).collect()
+    /// Lines as an agent session hands them over, cut to 8 bytes.
+    fn lines(texts: &[&str]) -> Vec<LogLine> {
+        let limits = Limits { max_log_line_bytes: 8, ..Limits::default() };
+        let wire = texts.iter().map(|t| pb::LogLine { text: (*t).to_owned(), ..pb::LogLine::default() }).collect();
+        crate::grpc::convert::log_lines(wire, &limits, crate::model::now_ms())
     }
 
     fn texts(read: &LogRead) -> Vec<(u64, &str)> {

@@ -10,7 +10,10 @@
 //!   age, agents, slots) are computed from the scheduler's live state at
 //!   scrape time ([`Snapshot`]), so they are right after a restart;
 //! - gRPC requests and latency come from one tower layer
-//!   (`grpc::metrics_layer`).
+//!   (`grpc::metrics_layer`);
+//! - the store's size, its filesystem's free space and its record counts
+//!   are measured by a background task (`store_stats::run`) off the async
+//!   threads, so neither a scrape nor a write ever waits for a scan.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,8 @@ use prometheus::{
 };
 
 use crate::model::{AgentState, EventKind, Millis, TaskEvent, TaskId, TaskState, reason};
+use crate::store::RecordCounts;
+use crate::store_stats::DiskUsage;
 
 /// Tasks accepted by `Submit`.
 pub(crate) const TASKS_SUBMITTED: &str = "muster_tasks_submitted_total";
@@ -54,13 +59,21 @@ pub(crate) const SLOTS_BUSY: &str = "muster_slots_busy";
 /// Writes per store batch.
 pub(crate) const STORE_BATCH_SIZE: &str = "muster_store_batch_writes";
 /// Time to apply (and in sync mode flush) one batch.
-pub(crate) const STORE_COMMIT: &str = "muster_store_commit_seconds";
+pub const STORE_COMMIT: &str = "muster_store_commit_seconds";
 /// Log lines agents sent, by what became of them.
 pub(crate) const LOG_LINES: &str = "muster_task_log_lines_total";
 /// The `result` values of [`LOG_LINES`], always exported.
 const LOG_LINE_RESULTS: [&str; 3] = ["received", "dropped", "ignored"];
 /// Memory held by live log tails.
 pub(crate) const LOG_TAIL_BYTES: &str = "muster_task_log_tail_bytes";
+/// Bytes the data directory takes on disk.
+pub(crate) const STORE_SIZE: &str = "muster_store_size_bytes";
+/// Bytes free (to the server's user) on the data directory's filesystem.
+pub(crate) const STORE_DISK_FREE: &str = "muster_store_disk_free_bytes";
+/// Stored records by kind, as last counted.
+pub(crate) const STORE_RECORDS: &str = "muster_store_records";
+/// When [`STORE_RECORDS`] was last counted.
+pub(crate) const STORE_RECORDS_COUNTED: &str = "muster_store_records_counted_timestamp_seconds";
 /// gRPC requests finished.
 pub(crate) const GRPC_REQUESTS: &str = "muster_grpc_requests_total";
 /// gRPC request latency (stream lifetime for streaming calls).
@@ -82,6 +95,8 @@ pub(crate) mod label {
     pub(crate) const CODE: &str = "code";
     /// What became of log lines: `received`, `dropped`, `ignored`.
     pub(crate) const RESULT: &str = "result";
+    /// A kind of stored record (see `RecordCounts::by_kind`).
+    pub(crate) const KIND: &str = "kind";
 }
 
 /// `outcome` of an attempt whose agent was lost.
@@ -221,6 +236,12 @@ pub struct Metrics {
     grpc_duration: HistogramVec,
     log_lines: IntCounterVec,
     log_tail_bytes: IntGauge,
+    // The store gauges have no series until first measured: a server
+    // without a data directory exports none rather than a full disk.
+    store_size: IntGaugeVec,
+    store_disk_free: IntGaugeVec,
+    store_records: IntGaugeVec,
+    store_records_counted: GaugeVec,
     /// Serialises scrapes: each resets and refills the state gauges.
     render: Mutex<()>,
 }
@@ -328,6 +349,25 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            store_size: gauge(
+                STORE_SIZE,
+                "Bytes the data directory takes on disk (allocated blocks of every file in it).",
+                &[],
+            )?,
+            store_disk_free: gauge(
+                STORE_DISK_FREE,
+                "Bytes free to the server on the data directory's filesystem.",
+                &[],
+            )?,
+            store_records: gauge(STORE_RECORDS, "Stored records by kind, as last counted.", &[KIND])?,
+            store_records_counted: {
+                let g = GaugeVec::new(
+                    Opts::new(STORE_RECORDS_COUNTED, "Unix time of the last count of muster_store_records."),
+                    &[],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             render: Mutex::new(()),
             registry,
         };
@@ -360,6 +400,22 @@ impl Metrics {
     /// Sets the memory held by live log tails.
     pub(crate) fn set_log_tail_bytes(&self, bytes: usize) {
         self.log_tail_bytes.set(bytes as i64);
+    }
+
+    /// Sets the record gauges from a count finished at `at`.
+    pub(crate) fn set_record_counts(&self, counts: &RecordCounts, at: std::time::SystemTime) {
+        for (kind, count) in counts.by_kind() {
+            self.store_records.with_label_values(&[kind]).set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let seconds = at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.store_records_counted.with_label_values::<&str>(&[]).set(seconds);
+    }
+
+    /// Sets the data directory's size and its filesystem's free space.
+    pub(crate) fn set_disk_usage(&self, usage: DiskUsage) {
+        let gauge = |bytes: u64| i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.store_size.with_label_values::<&str>(&[]).set(gauge(usage.size_bytes));
+        self.store_disk_free.with_label_values::<&str>(&[]).set(gauge(usage.free_bytes));
     }
 
     /// Records one finished gRPC call.
@@ -517,6 +573,7 @@ mod tests {
             message: String::new(),
             progress: None,
             at,
+            actor: None,
         }
     }
 
@@ -557,6 +614,25 @@ mod tests {
         assert!(text.contains("muster_agents{state=\"disconnected\"} 0"));
         let text = metrics.render(&Snapshot::default())?;
         assert!(!text.contains("capability=\"gpu\""), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn store_gauges_are_absent_until_measured_then_export_every_kind() -> Result<(), MetricsError> {
+        let metrics = Metrics::new()?;
+        let text = metrics.render(&Snapshot::default())?;
+        assert!(!text.contains("muster_store_records") && !text.contains("muster_store_disk_free_bytes"), "{text}");
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        metrics.set_record_counts(&RecordCounts { tasks: 5, events: 12, ..RecordCounts::default() }, at);
+        metrics.set_disk_usage(DiskUsage { size_bytes: 4096, free_bytes: 1 << 40 });
+        let text = metrics.render(&Snapshot::default())?;
+        assert!(text.contains("muster_store_records{kind=\"task\"} 5"), "{text}");
+        assert!(text.contains("muster_store_records{kind=\"event\"} 12"), "{text}");
+        assert!(text.contains("muster_store_records{kind=\"log_tail\"} 0"), "{text}");
+        assert_eq!(text.matches("muster_store_records{kind=").count(), 9, "{text}");
+        assert!(text.contains("muster_store_records_counted_timestamp_seconds 1700000000"), "{text}");
+        assert!(text.contains("muster_store_size_bytes 4096"), "{text}");
+        assert!(text.contains("muster_store_disk_free_bytes 1099511627776"), "{text}");
         Ok(())
     }
 }

@@ -1,11 +1,16 @@
-//! Input rules shared by every entry point. A breach of a configured limit
-//! is `ResourceExhausted` naming the limit; a malformed value is
-//! `InvalidArgument` naming the field.
+//! Input rules shared by every entry point. A breach of a configured size
+//! or count limit is `ResourceExhausted` naming the limit; a malformed value,
+//! or a duration or timestamp out of its range, is `InvalidArgument` naming
+//! the field (and the limit, when one applies).
 
 use std::collections::BTreeMap;
 
 use crate::config::Limits;
 use crate::error::Error;
+
+/// The last millisecond a `google.protobuf.Timestamp` may hold
+/// (9999-12-31T23:59:59.999Z); an agent's time past it is not taken.
+pub const LAST_TIMESTAMP_MS: u64 = 253_402_300_799_999;
 
 /// The characters a name may hold, for messages.
 pub const NAME_CHARSET: &str = "[A-Za-z0-9._:/-], starting with a letter or digit";
@@ -76,21 +81,33 @@ pub fn clip(mut value: String, limits: &Limits) -> String {
 /// cut with `…`.
 pub(crate) fn cut(value: &mut String, max: usize) {
     if value.len() > max {
-        let mut end = max;
-        while !value.is_char_boundary(end) {
-            end -= 1;
-        }
-        value.truncate(end);
+        value.truncate(value.floor_char_boundary(max));
         value.push('…');
     }
 }
 
-fn truncate(value: &str, max: usize) -> String {
-    if value.chars().count() <= max {
-        value.to_owned()
-    } else {
-        format!("{}…", value.chars().take(max).collect::<String>())
+/// A duration limit as people write it: in its largest whole unit (`30d`,
+/// `12h`, `90s`), else as humantime spells it.
+pub fn limit_text(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || secs == 0 {
+        return humantime::format_duration(d).to_string();
     }
+    for (unit, size) in [("d", 24 * 3600), ("h", 3600), ("m", 60)] {
+        if secs.is_multiple_of(size) {
+            return format!("{}{unit}", secs / size);
+        }
+    }
+    format!("{secs}s")
+}
+
+/// The start of `value`, at most `max` bytes, for quoting it in a message.
+fn truncate(value: &str, max: usize) -> String {
+    let mut quoted = value[..value.floor_char_boundary(max.min(value.len()))].to_owned();
+    if quoted.len() < value.len() {
+        quoted.push('…');
+    }
+    quoted
 }
 
 #[cfg(test)]
@@ -126,6 +143,16 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("max_metadata_entries"), "{err}");
+    }
+
+    #[test]
+    fn duration_limits_are_written_in_their_largest_whole_unit() {
+        use std::time::Duration;
+        assert_eq!(limit_text(Duration::from_secs(365 * 24 * 3600)), "365d");
+        assert_eq!(limit_text(Duration::from_secs(36 * 3600)), "36h");
+        assert_eq!(limit_text(Duration::from_secs(90)), "90s");
+        assert_eq!(limit_text(Duration::from_secs(120)), "2m");
+        assert_eq!(limit_text(Duration::from_millis(1500)), "1s 500ms");
     }
 
     #[test]

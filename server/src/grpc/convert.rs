@@ -13,6 +13,31 @@ use crate::model::*;
 use crate::scheduler::ToAgent;
 use crate::validate;
 
+/// An agent's log lines as the log hub keeps them: each cut to
+/// `max_log_line_bytes`, timed by the agent (a time before 1970 or past
+/// year 9999 takes `now`, the arrival); positions are set when they join a
+/// tail.
+pub(crate) fn log_lines(lines: Vec<pb::LogLine>, limits: &crate::config::Limits, now: Millis) -> Vec<LogLine> {
+    let line = |line: pb::LogLine| {
+        let mut text = line.text;
+        validate::cut(&mut text, limits.max_log_line_bytes);
+        let at = line
+            .time
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| Millis::try_from(d.as_millis()).ok())
+            .filter(|&ms| ms <= validate::LAST_TIMESTAMP_MS)
+            .unwrap_or(now);
+        let stream = match pb::LogStream::try_from(line.stream) {
+            Ok(pb::LogStream::Stdout) => LogStream::Stdout,
+            Ok(pb::LogStream::Stderr) => LogStream::Stderr,
+            _ => LogStream::Log,
+        };
+        LogLine { position: 0, at, stream, text }
+    };
+    lines.into_iter().map(line).collect()
+}
+
 pub(crate) fn timestamp(ms: Millis) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
 }
@@ -35,14 +60,44 @@ fn from_duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option
     }
 }
 
-fn from_timestamp(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<Millis>, Error> {
-    match t {
-        None => Ok(None),
-        Some(t) if t.seconds < 0 || t.nanos < 0 || t.nanos >= 1_000_000_000 => {
-            Err(Error::invalid(field, "must be a timestamp after 1970"))
+/// A client's duration, refused when it is longer than `max` (the limit
+/// named `limit`): everything the scheduler adds to a clock is bounded here.
+fn bounded_duration(
+    field: &str,
+    d: Option<prost_types::Duration>,
+    max: Duration,
+    limit: &str,
+) -> Result<Option<Duration>, Error> {
+    match from_duration(field, d)? {
+        Some(d) if d > max => {
+            Err(Error::invalid(field, format!("must be at most {} ({limit})", validate::limit_text(max))))
         }
-        Some(t) => Ok(Some(t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)),
+        d => Ok(d),
     }
+}
+
+/// A client's timestamp in milliseconds since 1970, refused when it lies
+/// more than `max_ahead` (the limit named `limit`) after `now`.
+fn from_timestamp(
+    field: &str,
+    t: Option<prost_types::Timestamp>,
+    now: Millis,
+    max_ahead: Duration,
+    limit: &str,
+) -> Result<Option<Millis>, Error> {
+    let Some(t) = t else { return Ok(None) };
+    if t.seconds < 0 || t.nanos < 0 || t.nanos >= 1_000_000_000 {
+        return Err(Error::invalid(field, "must be a timestamp after 1970"));
+    }
+    let latest = now.saturating_add(u64::try_from(max_ahead.as_millis()).unwrap_or(u64::MAX));
+    let ms = (t.seconds as u64)
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(t.nanos as u64 / 1_000_000))
+        .filter(|&ms| ms <= latest)
+        .ok_or_else(|| {
+            Error::invalid(field, format!("must be at most {} from now ({limit})", validate::limit_text(max_ahead)))
+        })?;
+    Ok(Some(ms))
 }
 
 pub(crate) fn state_to_pb(state: TaskState) -> pb::TaskState {
@@ -98,24 +153,15 @@ fn unsorted(map: &BTreeMap<String, String>) -> HashMap<String, String> {
 }
 
 pub(crate) fn task_id(field: &str, value: &str) -> Result<TaskId, Error> {
-    value.parse::<TaskId>().map_err(|e| match e {
-        Error::InvalidArgument { message, .. } => Error::invalid(field, message),
-        other => other,
-    })
+    value.parse::<TaskId>().map_err(|e| Error::invalid(field, e.to_string()))
 }
 
 pub(crate) fn workflow_id(field: &str, value: &str) -> Result<WorkflowId, Error> {
-    value.parse::<WorkflowId>().map_err(|e| match e {
-        Error::InvalidArgument { message, .. } => Error::invalid(field, message),
-        other => other,
-    })
+    value.parse::<WorkflowId>().map_err(|e| Error::invalid(field, e.to_string()))
 }
 
 pub(crate) fn agent_id(field: &str, value: &str) -> Result<AgentId, Error> {
-    value.parse::<AgentId>().map_err(|e| match e {
-        Error::InvalidArgument { message, .. } => Error::invalid(field, message),
-        other => other,
-    })
+    value.parse::<AgentId>().map_err(|e| Error::invalid(field, e.to_string()))
 }
 
 /// Validates one submitted task, graph fields included.
@@ -184,20 +230,15 @@ pub(crate) fn task_spec(spec: pb::TaskSpec, config: &ServerConfig) -> Result<Tas
     validate::string_map("trace_context", &trace_context, 8, "8 entries", limits)?;
     validate::within("payload", "bytes", spec.payload.len(), limits.max_payload_bytes, "max_payload_bytes")?;
     validate::within("content_type", "characters", spec.content_type.len(), limits.max_value_len, "max_value_len")?;
-    let timeout = match from_duration("timeout", spec.timeout)? {
+    let timeout = match bounded_duration("timeout", spec.timeout, limits.max_timeout, "max_timeout")? {
         None => config.default_timeout,
         Some(d) if d.is_zero() => config.default_timeout,
         Some(d) if d < Duration::from_millis(1) => return Err(Error::invalid("timeout", "must be at least 1ms")),
-        Some(d) if d > limits.max_timeout => {
-            return Err(Error::ResourceExhausted(format!(
-                "timeout: {} is over the limit of {} (max_timeout)",
-                humantime::format_duration(d),
-                humantime::format_duration(limits.max_timeout)
-            )));
-        }
         Some(d) => d,
     };
-    let queue_timeout = from_duration("queue_timeout", spec.queue_timeout)?.filter(|d| !d.is_zero());
+    let queue_timeout =
+        bounded_duration("queue_timeout", spec.queue_timeout, limits.max_queue_timeout, "max_queue_timeout")?
+            .filter(|d| !d.is_zero());
     let defaults = &config.default_retry;
     let retry = match spec.retry {
         None => RetryPolicy {
@@ -214,13 +255,17 @@ pub(crate) fn task_spec(spec: pb::TaskSpec, config: &ServerConfig) -> Result<Tas
                     limits.max_attempts
                 )));
             }
+            let max = limits.max_retry_backoff;
             let initial_backoff =
-                from_duration("retry.initial_backoff", r.initial_backoff)?.unwrap_or(defaults.initial_backoff);
-            let max_backoff = from_duration("retry.max_backoff", r.max_backoff)?.unwrap_or(defaults.max_backoff);
+                bounded_duration("retry.initial_backoff", r.initial_backoff, max, "max_retry_backoff")?
+                    .unwrap_or(defaults.initial_backoff);
+            let max_backoff = bounded_duration("retry.max_backoff", r.max_backoff, max, "max_retry_backoff")?
+                .unwrap_or(defaults.max_backoff);
             if max_backoff < initial_backoff {
                 return Err(Error::invalid("retry.max_backoff", "must not be shorter than retry.initial_backoff"));
             }
             let multiplier = if r.multiplier == 0.0 { 2.0 } else { r.multiplier };
+            // NaN is in no range, so it is refused here too.
             if !(1.0..=100.0).contains(&multiplier) {
                 return Err(Error::invalid("retry.multiplier", "must be between 1 and 100"));
             }
@@ -251,7 +296,13 @@ pub(crate) fn task_spec(spec: pb::TaskSpec, config: &ServerConfig) -> Result<Tas
         queue_timeout,
         retry,
         idempotency_key,
-        not_before: from_timestamp("not_before", spec.not_before)?,
+        not_before: from_timestamp(
+            "not_before",
+            spec.not_before,
+            now_ms(),
+            limits.max_not_before_ahead,
+            "max_not_before_ahead",
+        )?,
         trace_context,
         key,
         depends_on: Vec::new(),
@@ -337,6 +388,7 @@ pub(crate) fn task_to_pb(task: &Task) -> pb::Task {
         sequence: task.sequence,
         workflow_id: task.workflow.map(|w| w.to_string()).unwrap_or_default(),
         depends_on_ids: task.spec.depends_on.iter().map(ToString::to_string).collect(),
+        submitted_by: task.submitted_by.clone().unwrap_or_default(),
     }
 }
 
@@ -359,6 +411,7 @@ pub(crate) fn event_to_pb(event: &TaskEvent) -> pb::TaskEvent {
         progress: event.progress.as_ref().map(progress_to_pb),
         at: Some(timestamp(event.at)),
         workflow_id: event.workflow.map(|w| w.to_string()).unwrap_or_default(),
+        actor: event.actor.clone().unwrap_or_default(),
     }
 }
 
@@ -511,6 +564,7 @@ pub(crate) fn registration(reg: pb::Register, config: &ServerConfig) -> Result<R
         resume_token: Some(reg.resume_token).filter(|t| !t.is_empty()),
         held_attempts,
         metrics_address: reg.metrics_address,
+        identity: String::new(),
     })
 }
 

@@ -21,9 +21,12 @@ use tower::{Layer, Service};
 
 use crate::metrics::{METHOD_OTHER, Metrics};
 
-/// The reflection service's one method; its descriptor is not in the sets
-/// the server registers.
-const REFLECTION_METHOD: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+/// The reflection services' one method each (v1 and v1alpha); their
+/// descriptors are not in the sets the server registers.
+const REFLECTION_METHODS: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
 /// Wraps every service of the gRPC server.
 #[derive(Clone, Debug)]
@@ -47,7 +50,7 @@ impl GrpcMetricsLayer {
                 }
             }
         }
-        methods.insert(REFLECTION_METHOD.to_owned());
+        methods.extend(REFLECTION_METHODS.map(str::to_owned));
         Self { metrics, methods: Arc::new(methods) }
     }
 }

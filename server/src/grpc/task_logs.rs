@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::convert;
-use super::task_server::{blocking, read_task};
+use super::reads::{blocking, read_task};
 use crate::error::Error;
 use crate::logs::{Follower, LogHub, attempt_over};
 use crate::model::{LogLine, LogStream, TaskEvent, TaskId};

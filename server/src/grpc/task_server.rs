@@ -13,13 +13,15 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::convert;
+use super::reads::{blocking, read_task};
 use super::task_logs::{self, LogRequest};
+use crate::auth::{Identity, Scope};
 use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::logs::LogHub;
 use crate::model::{EventKind, Task, TaskEvent, TaskFilter, TaskId, TaskState, WorkflowId};
 use crate::scheduler::{Command, CoreHandle};
-use crate::store::Store;
+use crate::store::{SEQUENCE_ORIGIN, Store};
 use crate::validate;
 
 const DEFAULT_PAGE_SIZE: usize = 100;
@@ -46,11 +48,14 @@ struct WatchFilter {
     queue: Option<String>,
     capability: Option<String>,
     states: Vec<TaskState>,
+    /// The caller's reach: events of tasks in other queues are left out.
+    scope: Scope,
 }
 
 impl WatchFilter {
     fn matches(&self, event: &TaskEvent) -> bool {
-        self.task.is_none_or(|t| t == event.task_id)
+        self.scope.sees_queue(&event.queue)
+            && self.task.is_none_or(|t| t == event.task_id)
             && self.workflow.is_none_or(|w| Some(w) == event.workflow)
             && self.queue.as_ref().is_none_or(|q| *q == event.queue)
             && self.capability.as_ref().is_none_or(|c| *c == event.capability)
@@ -58,26 +63,20 @@ impl WatchFilter {
     }
 }
 
-/// Runs store work off the async threads.
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("store read failed: {e}")))?
-        .map_err(Status::from)
-}
-
-/// One task from the store, or NOT_FOUND.
-pub(super) async fn read_task(store: &Arc<dyn Store>, id: TaskId) -> Result<Task, Status> {
-    let store = store.clone();
-    let task = blocking(move || store.task(id).map_err(Error::from)).await?;
-    Ok(task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?)
-}
-
 impl TaskHandler {
-    /// A workflow as the store holds it: only acknowledged state.
-    async fn read_workflow(&self, id: WorkflowId) -> Result<pb::Workflow, Status> {
+    /// The task `id` when it is within the caller's reach; checked only for
+    /// callers limited to some queues, so others pay no store read.
+    async fn check_reach(&self, identity: &Identity, id: TaskId) -> Result<(), Status> {
+        if identity.scope.queues.is_empty() {
+            return Ok(());
+        }
+        let task = read_task(&self.store, id).await?;
+        Ok(identity.scope.check_queue("id", &task.spec.queue)?)
+    }
+
+    /// A workflow's tasks as the store holds them (only acknowledged
+    /// state).
+    async fn workflow_tasks(&self, id: WorkflowId) -> Result<Vec<Task>, Status> {
         let store = self.store.clone();
         let tasks = blocking(move || {
             let ids = store.workflow_tasks(id)?;
@@ -93,6 +92,17 @@ impl TaskHandler {
         if tasks.is_empty() {
             return Err(Error::NotFound(format!("workflow {id} not found")).into());
         }
+        Ok(tasks)
+    }
+
+    /// A workflow as the caller may see it: tasks outside `scope` are left
+    /// out, and a workflow with none left is not found.
+    async fn read_workflow(&self, id: WorkflowId, scope: &Scope) -> Result<pb::Workflow, Status> {
+        let mut tasks = self.workflow_tasks(id).await?;
+        tasks.retain(|t| scope.sees_queue(&t.spec.queue));
+        if tasks.is_empty() {
+            return Err(Error::NotFound(format!("workflow {id} not found")).into());
+        }
         Ok(convert::workflow_to_pb(id, &tasks))
     }
 }
@@ -100,6 +110,7 @@ impl TaskHandler {
 #[tonic::async_trait]
 impl pb::task_service_server::TaskService for TaskHandler {
     async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let identity = Identity::of(&request);
         let request = request.into_inner();
         let limits = &self.config.limits;
         if request.tasks.is_empty() {
@@ -112,11 +123,18 @@ impl pb::task_service_server::TaskService for TaskHandler {
             .enumerate()
             .map(|(i, spec)| convert::submission(spec, &self.config).map_err(|e| e.in_field(&format!("tasks[{i}]"))))
             .collect::<Result<Vec<_>, _>>()?;
+        for (i, submission) in submissions.iter().enumerate() {
+            identity.scope.check_queue(&format!("tasks[{i}].queue"), &submission.spec.queue)?;
+        }
         let span = tracing::info_span!("muster.submit", tasks = submissions.len(), trace_id = tracing::field::Empty);
         if let Some(submission) = submissions.first() {
             crate::trace_context::adopt(&span, &submission.spec.trace_context);
         }
-        let outcome = self.core.call(|reply| Command::Submit { submissions, reply }).instrument(span).await?;
+        let outcome = self
+            .core
+            .call_as(identity.actor(), |reply| Command::Submit { submissions, reply })
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::SubmitResponse {
             existing: outcome.tasks.iter().map(|(_, existing)| *existing).collect(),
             tasks: outcome.tasks.iter().map(|(task, _)| convert::task_to_pb(task)).collect(),
@@ -125,8 +143,10 @@ impl pb::task_service_server::TaskService for TaskHandler {
     }
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let identity = Identity::of(&request);
         let id = convert::task_id("id", &request.into_inner().id)?;
         let task = read_task(&self.store, id).await?;
+        identity.scope.check_queue("id", &task.spec.queue)?;
         Ok(Response::new(convert::task_to_pb(&task)))
     }
 
@@ -134,7 +154,11 @@ impl pb::task_service_server::TaskService for TaskHandler {
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let scope = Identity::of(&request).scope.clone();
         let request = request.into_inner();
+        if !request.queue.is_empty() {
+            scope.check_queue("queue", &request.queue)?;
+        }
         let states = request
             .states
             .iter()
@@ -158,29 +182,32 @@ impl pb::task_service_server::TaskService for TaskHandler {
             Some(convert::task_id("page_token", &request.page_token)?)
         };
         let store = self.store.clone();
-        let (sequence, tasks, more) = blocking(move || {
+        let (sequence, mut tasks) = blocking(move || {
             // The sequence is read first: any change after it is replayed by
             // a watch that starts from it.
-            let sequence = store.last_sequence()?;
+            let sequence = store.last_sequence()?.max(SEQUENCE_ORIGIN);
+            // One match past the page tells whether another page exists.
             let mut tasks = Vec::new();
             loop {
                 let chunk = store.tasks_after(after, MAX_PAGE_SIZE, unfinished_only)?;
                 let exhausted = chunk.len() < MAX_PAGE_SIZE;
                 for task in chunk {
                     after = Some(task.id);
-                    if filter.matches(&task) {
+                    if filter.matches(&task) && scope.sees_queue(&task.spec.queue) {
                         tasks.push(task);
-                        if tasks.len() == page_size {
-                            return Ok((sequence, tasks, true));
+                        if tasks.len() > page_size {
+                            return Ok((sequence, tasks));
                         }
                     }
                 }
                 if exhausted {
-                    return Ok((sequence, tasks, false));
+                    return Ok((sequence, tasks));
                 }
             }
         })
         .await?;
+        let more = tasks.len() > page_size;
+        tasks.truncate(page_size);
         let next_page_token =
             if more { tasks.last().map(|t| t.id.to_string()).unwrap_or_default() } else { String::new() };
         Ok(Response::new(pb::ListTasksResponse {
@@ -191,16 +218,21 @@ impl pb::task_service_server::TaskService for TaskHandler {
     }
 
     async fn cancel_task(&self, request: Request<pb::CancelTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let identity = Identity::of(&request);
         let request = request.into_inner();
         let id = convert::task_id("id", &request.id)?;
         validate::text("reason", &request.reason, &self.config.limits)?;
-        let task = self.core.call(|reply| Command::Cancel { id, reason: request.reason, reply }).await?;
+        self.check_reach(&identity, id).await?;
+        let task =
+            self.core.call_as(identity.actor(), |reply| Command::Cancel { id, reason: request.reason, reply }).await?;
         Ok(Response::new(convert::task_to_pb(&task)))
     }
 
     async fn retry_task(&self, request: Request<pb::RetryTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let identity = Identity::of(&request);
         let id = convert::task_id("id", &request.into_inner().id)?;
-        let task = self.core.call(|reply| Command::Retry { id, reply }).await?;
+        self.check_reach(&identity, id).await?;
+        let task = self.core.call_as(identity.actor(), |reply| Command::Retry { id, reply }).await?;
         Ok(Response::new(convert::task_to_pb(&task)))
     }
 
@@ -208,25 +240,37 @@ impl pb::task_service_server::TaskService for TaskHandler {
         &self,
         request: Request<pb::ExplainTaskRequest>,
     ) -> Result<Response<pb::Explanation>, Status> {
+        let identity = Identity::of(&request);
         let id = convert::task_id("id", &request.into_inner().id)?;
+        self.check_reach(&identity, id).await?;
         let explanation = self.core.call(|reply| Command::Explain { id, reply }).await?;
         Ok(Response::new(convert::explanation_to_pb(&explanation)))
     }
 
     async fn get_workflow(&self, request: Request<pb::GetWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
+        let identity = Identity::of(&request);
         let id = convert::workflow_id("id", &request.into_inner().id)?;
-        Ok(Response::new(self.read_workflow(id).await?))
+        Ok(Response::new(self.read_workflow(id, &identity.scope).await?))
     }
 
     async fn cancel_workflow(
         &self,
         request: Request<pb::CancelWorkflowRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
+        let identity = Identity::of(&request);
         let request = request.into_inner();
         let id = convert::workflow_id("id", &request.id)?;
         validate::text("reason", &request.reason, &self.config.limits)?;
-        self.core.call(|reply| Command::CancelWorkflow { id, reason: request.reason, reply }).await?;
-        Ok(Response::new(self.read_workflow(id).await?))
+        if !identity.scope.queues.is_empty() {
+            // Every task must be within reach: a partial cancel would be a
+            // surprise.
+            for task in self.workflow_tasks(id).await? {
+                identity.scope.check_queue("id", &task.spec.queue)?;
+            }
+        }
+        let reason = request.reason;
+        self.core.call_as(identity.actor(), |reply| Command::CancelWorkflow { id, reason, reply }).await?;
+        Ok(Response::new(self.read_workflow(id, &identity.scope).await?))
     }
 
     type WatchTasksStream = ReceiverStream<Result<pb::TaskEvent, Status>>;
@@ -236,13 +280,15 @@ impl pb::task_service_server::TaskService for TaskHandler {
         &self,
         request: Request<pb::GetTaskLogsRequest>,
     ) -> Result<Response<Self::GetTaskLogsStream>, Status> {
+        let identity = Identity::of(&request);
         let request = request.into_inner();
         let request = LogRequest {
             task: convert::task_id("task_id", &request.task_id)?,
             attempt: Some(request.attempt).filter(|a| *a > 0),
             follow: request.follow,
         };
-        read_task(&self.store, request.task).await?;
+        let task = read_task(&self.store, request.task).await?;
+        identity.scope.check_queue("task_id", &task.spec.queue)?;
         let (tx, rx) = mpsc::channel(64);
         let (store, hub, events, shutdown) =
             (self.store.clone(), self.logs.clone(), self.events.clone(), self.shutdown.clone());
@@ -254,8 +300,13 @@ impl pb::task_service_server::TaskService for TaskHandler {
         &self,
         request: Request<pb::WatchTasksRequest>,
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
+        let scope = Identity::of(&request).scope.clone();
         let request = request.into_inner();
+        if !request.queue.is_empty() {
+            scope.check_queue("queue", &request.queue)?;
+        }
         let filter = WatchFilter {
+            scope,
             task: if request.task_id.is_empty() { None } else { Some(convert::task_id("task_id", &request.task_id)?) },
             queue: Some(request.queue).filter(|q| !q.is_empty()),
             capability: Some(request.capability).filter(|c| !c.is_empty()),

@@ -1,14 +1,14 @@
 //! The scheduler: the one owner of live state.
 //!
-//! [`core::Core`] is a synchronous state machine: commands and timers go in,
+//! [`engine::Core`] is a synchronous state machine: commands and timers go in,
 //! and it produces an [`Outbox`] of store writes plus effects (replies,
 //! messages to agents, published events). The driver (`driver`) runs it in
 //! one task and hands each outbox to the writer thread, which makes the
 //! writes durable as a group and only then performs the effects: nothing
 //! leaves the server before it is on disk.
 
-pub(crate) mod core;
 pub(crate) mod driver;
+pub(crate) mod engine;
 mod ready;
 #[cfg(test)]
 mod tests;
@@ -17,37 +17,146 @@ mod timers;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::model::{
     AgentId, AgentInfo, AgentReport, Explanation, ParentOutput, QueueInfo, Registration, Submission, Task, TaskEvent,
-    TaskId, WorkflowId,
+    TaskId, TokenRecord, WorkflowId,
 };
 use crate::store::Write;
 
 /// Where a command's answer goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
-/// The outbound half of an agent session.
-pub(crate) type AgentTx = mpsc::UnboundedSender<ToAgent>;
+/// The outbound half of an agent session: a bounded queue the writer
+/// fills without ever waiting. When the agent stops reading and the queue
+/// is full, the message is lost and the session is marked stalled
+/// ([`AgentTx::stalled`]), which closes that session alone.
+#[derive(Clone, Debug)]
+pub(crate) struct AgentTx {
+    tx: mpsc::Sender<ToAgent>,
+    stalled: CancellationToken,
+}
+
+/// Why [`AgentTx::send`] dropped a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Undelivered {
+    /// The queue was full: the session is now stalled.
+    Full,
+    /// The session is gone.
+    Closed,
+}
+
+/// The inbound half of an agent session, read by its forwarder.
+pub(crate) type AgentRx = mpsc::Receiver<ToAgent>;
+
+/// A session queue holding at most `limit` messages (at least one).
+pub(crate) fn session_queue(limit: usize) -> (AgentTx, AgentRx) {
+    let (tx, rx) = mpsc::channel(limit.max(1));
+    (AgentTx { tx, stalled: CancellationToken::new() }, rx)
+}
+
+impl AgentTx {
+    /// Queues `message` without waiting. A full queue marks the session
+    /// stalled; a closed one (the session is gone) just misses the message.
+    pub(crate) fn send(&self, message: ToAgent) -> Result<(), Undelivered> {
+        match self.tx.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stalled.cancel();
+                Err(Undelivered::Full)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Undelivered::Closed),
+        }
+    }
+
+    /// Fires once the queue has overflowed: the agent is not reading.
+    pub(crate) fn stalled(&self) -> CancellationToken {
+        self.stalled.clone()
+    }
+
+    /// How many messages the queue holds at most.
+    pub(crate) fn limit(&self) -> usize {
+        self.tx.max_capacity()
+    }
+}
 
 /// Requests to the scheduler.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Submit { submissions: Vec<Submission>, reply: Reply<SubmitOutcome> },
-    CancelWorkflow { id: WorkflowId, reason: String, reply: Reply<Vec<TaskId>> },
-    Explain { id: TaskId, reply: Reply<Explanation> },
-    ListQueues { reply: Reply<Vec<QueueInfo>> },
-    SetQueue { name: String, change: QueueChange, reply: Reply<QueueInfo> },
-    Cancel { id: TaskId, reason: String, reply: Reply<Task> },
-    Retry { id: TaskId, reply: Reply<Task> },
-    Register { registration: Registration, tx: AgentTx, reply: Reply<(AgentId, u64)> },
-    Report { agent: AgentId, conn: u64, report: AgentReport },
-    Disconnected { agent: AgentId, conn: u64 },
-    ListAgents { capability: Option<String>, reply: Reply<Vec<AgentInfo>> },
-    GetAgent { id: AgentId, reply: Reply<AgentInfo> },
-    SetDraining { id: AgentId, draining: bool, reply: Reply<AgentInfo> },
-    Snapshot { reply: Reply<crate::metrics::Snapshot> },
+    Submit {
+        submissions: Vec<Submission>,
+        reply: Reply<SubmitOutcome>,
+    },
+    CancelWorkflow {
+        id: WorkflowId,
+        reason: String,
+        reply: Reply<Vec<TaskId>>,
+    },
+    Explain {
+        id: TaskId,
+        reply: Reply<Explanation>,
+    },
+    ListQueues {
+        reply: Reply<Vec<QueueInfo>>,
+    },
+    SetQueue {
+        name: String,
+        change: QueueChange,
+        reply: Reply<QueueInfo>,
+    },
+    Cancel {
+        id: TaskId,
+        reason: String,
+        reply: Reply<Task>,
+    },
+    Retry {
+        id: TaskId,
+        reply: Reply<Task>,
+    },
+    Register {
+        registration: Registration,
+        tx: AgentTx,
+        reply: Reply<(AgentId, u64)>,
+    },
+    Report {
+        agent: AgentId,
+        conn: u64,
+        report: AgentReport,
+    },
+    Disconnected {
+        agent: AgentId,
+        conn: u64,
+    },
+    ListAgents {
+        capability: Option<String>,
+        reply: Reply<Vec<AgentInfo>>,
+    },
+    GetAgent {
+        id: AgentId,
+        reply: Reply<AgentInfo>,
+    },
+    SetDraining {
+        id: AgentId,
+        draining: bool,
+        reply: Reply<AgentInfo>,
+    },
+    Snapshot {
+        reply: Reply<crate::metrics::Snapshot>,
+    },
+    /// Stores a token; a revoked one also closes the sessions opened with
+    /// it.
+    PutToken {
+        record: TokenRecord,
+        reply: Reply<()>,
+    },
+    /// `command` on behalf of a named caller: the events it causes, and a
+    /// submitted task, record the name.
+    Acting {
+        actor: String,
+        command: Box<Command>,
+    },
 }
 
 /// What a submit created.
@@ -145,6 +254,21 @@ impl CoreHandle {
     pub(crate) async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
         let (reply, rx) = oneshot::channel();
         self.send(make(reply)).await?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Like [`call`](Self::call), on behalf of `actor` when it is named.
+    pub(crate) async fn call_as<T>(
+        &self,
+        actor: Option<String>,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        let command = match actor {
+            Some(actor) => Command::Acting { actor, command: Box::new(make(reply)) },
+            None => make(reply),
+        };
+        self.send(command).await?;
         rx.await.map_err(|_| stopped())?
     }
 

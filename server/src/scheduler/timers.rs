@@ -2,6 +2,7 @@
 //! when the state they guard changes, so the set holds only live ones.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -20,6 +21,20 @@ pub(crate) enum Timer {
     CancelGrace(TaskId, u32),
     /// The queue timeout of the task enqueued with this token.
     QueueTimeout(TaskId, u64),
+    /// Record the attempt's latest progress, held back by the progress
+    /// interval.
+    Progress(TaskId, u32),
+}
+
+/// The farthest the scheduler ever looks ahead: about thirty years, well
+/// past every bounded input and still an instant every platform can hold.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `now + d`, saturating at [`FAR_FUTURE`] instead of panicking: the one way
+/// the scheduler computes a deadline, so no stored or configured duration can
+/// overflow the clock.
+pub(crate) fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d.min(FAR_FUTURE)).unwrap_or(now)
 }
 
 /// Identifies one armed timer, for removal.
@@ -53,5 +68,18 @@ impl Timers {
 
     pub(crate) fn len(&self) -> usize {
         self.set.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_saturates_instead_of_overflowing() {
+        let now = Instant::now();
+        assert_eq!(later(now, Duration::from_secs(5)), now + Duration::from_secs(5));
+        assert_eq!(later(now, Duration::MAX), now + FAR_FUTURE);
+        assert_eq!(later(now, Duration::from_secs(i64::MAX as u64)), now + FAR_FUTURE);
     }
 }

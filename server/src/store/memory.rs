@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{Store, StoreError, Write};
-use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
+use super::verify::Checker;
+use super::{RecordCounts, Store, StoreError, VerifyReport, Write};
+use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId};
 
 /// A [`Store`] that lives and dies with the process.
 #[derive(Debug, Default)]
@@ -21,6 +22,7 @@ struct Inner {
     agents: BTreeMap<AgentId, AgentRecord>,
     keys: BTreeMap<String, TaskId>,
     queues: BTreeMap<String, QueueRecord>,
+    tokens: BTreeMap<String, TokenRecord>,
     workflows: BTreeMap<(WorkflowId, TaskId), ()>,
     logs: BTreeMap<(TaskId, u32), AttemptLog>,
 }
@@ -69,6 +71,9 @@ impl Store for MemoryStore {
                 Write::Queue(queue) => {
                     inner.queues.insert(queue.name.clone(), queue.clone());
                 }
+                Write::Token(token) => {
+                    inner.tokens.insert(token.name.clone(), token.clone());
+                }
             }
         }
         Ok(())
@@ -76,6 +81,22 @@ impl Store for MemoryStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn record_counts(&self) -> Result<RecordCounts, StoreError> {
+        let inner = self.lock();
+        let n = |len: usize| len as u64;
+        Ok(RecordCounts {
+            tasks: n(inner.tasks.len()),
+            events: n(inner.events.len()),
+            agents: n(inner.agents.len()),
+            queues: n(inner.queues.len()),
+            tokens: n(inner.tokens.len()),
+            idempotency_keys: n(inner.keys.len()),
+            workflow_entries: n(inner.workflows.len()),
+            unfinished_entries: n(inner.unfinished.len()),
+            logs: n(inner.logs.len()),
+        })
     }
 
     fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
@@ -121,6 +142,10 @@ impl Store for MemoryStore {
         Ok(self.lock().queues.values().cloned().collect())
     }
 
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        Ok(self.lock().tokens.values().cloned().collect())
+    }
+
     fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError> {
         let inner = self.lock();
         Ok(inner.workflows.keys().filter(|(w, _)| *w == workflow).map(|(_, t)| *t).collect())
@@ -137,5 +162,38 @@ impl Store for MemoryStore {
 
     fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError> {
         Ok(self.lock().logs.get(&(task, attempt)).cloned())
+    }
+
+    fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let inner = self.lock();
+        let mut checker = Checker::new();
+        for (id, task) in &inner.tasks {
+            checker.task(*id, Ok(task.clone()));
+        }
+        for id in inner.unfinished.keys() {
+            checker.unfinished(*id);
+        }
+        for (sequence, event) in &inner.events {
+            checker.events(*sequence, Ok(vec![event.clone()]));
+        }
+        for (id, agent) in &inner.agents {
+            checker.agent(*id, Ok(agent.clone()));
+        }
+        for (key, task) in &inner.keys {
+            checker.idempotency_key(key.clone(), *task);
+        }
+        for (name, queue) in &inner.queues {
+            checker.queue(name, Ok(queue.clone()));
+        }
+        for (name, token) in &inner.tokens {
+            checker.token(name, Ok(token.clone()));
+        }
+        for (workflow, task) in inner.workflows.keys() {
+            checker.workflow_entry(*workflow, *task);
+        }
+        for ((task, attempt), log) in &inner.logs {
+            checker.log(*task, *attempt, Ok(log.clone()));
+        }
+        Ok(checker.finish())
     }
 }

@@ -10,6 +10,7 @@ mod memory;
 mod sled_store;
 #[cfg(test)]
 mod suite;
+mod verify;
 #[cfg(test)]
 pub(crate) use suite::{make_event as test_event, make_task as test_task_in};
 
@@ -26,19 +27,11 @@ use serde::de::DeserializeOwned;
 
 pub use memory::MemoryStore;
 pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
+pub use verify::{MAX_LISTED_PROBLEMS, Problem, ProblemKind, RecordCounts, VerifyReport};
 
-use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
+pub use crate::error::StoreError;
 
-/// A failure of the storage engine or of a stored record.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The engine reported an error.
-    #[error("storage engine: {0}")]
-    Engine(String),
-    /// A record could not be encoded or decoded.
-    #[error("record codec: {0}")]
-    Codec(String),
-}
+use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId};
 
 /// One durable change. A batch of writes is applied atomically.
 // Writes are moved once into a batch and consumed by the writer; boxing the
@@ -56,7 +49,14 @@ pub enum Write {
     RemoveAgent(AgentId),
     /// Insert or replace a queue's settings.
     Queue(QueueRecord),
+    /// Insert or replace a token.
+    Token(TokenRecord),
 }
+
+/// Event sequence numbers start after this origin, which no event carries:
+/// a listing on an empty store reports it, so a watch after the listing's
+/// sequence replays every event (0 in a watch request means "live only").
+pub const SEQUENCE_ORIGIN: u64 = 1;
 
 /// The storage seam: everything durable goes through it.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
@@ -73,7 +73,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn unfinished_tasks(&self) -> Result<Vec<Task>, StoreError>;
     /// Up to `limit` events with sequence greater than `after`, in order.
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError>;
-    /// The greatest event sequence stored (0 when none).
+    /// The greatest event sequence stored (0 when none; see
+    /// [`SEQUENCE_ORIGIN`]).
     fn last_sequence(&self) -> Result<u64, StoreError>;
     /// Every registered agent.
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
@@ -81,6 +82,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError>;
     /// Every queue with settings.
     fn queues(&self) -> Result<Vec<QueueRecord>, StoreError>;
+    /// Every token, revoked ones included.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// The ids of a workflow's tasks, in id order.
     fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError>;
     /// Inserts or replaces the log of one attempt. Logs live apart from the
@@ -89,6 +92,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError>;
     /// The log of one attempt.
     fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError>;
+    /// Reads every record and reports what does not decode and where the
+    /// indexes and the event log disagree with the records (see
+    /// [`VerifyReport`]). An error means the store could not be read at
+    /// all; problems with its contents are in the report.
+    fn verify(&self) -> Result<VerifyReport, StoreError>;
+    /// How many records of each kind the store holds, without decoding
+    /// them (what [`Store::verify`] reports in `records` for a sound store,
+    /// at a fraction of its cost). Still visits every key: call it off the
+    /// async threads, now and then (the server recounts every minute for
+    /// its metrics).
+    fn record_counts(&self) -> Result<RecordCounts, StoreError>;
 }
 
 /// Record encoding: a format version byte, then MessagePack with field

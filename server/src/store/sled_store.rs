@@ -3,7 +3,7 @@
 //!
 //! Keys: `t`+id → task, `u`+id → unfinished marker, `e`+seq → the events
 //! of one batch from that sequence on (at most `EVENTS_PER_RECORD`),
-//! `a`+id → agent, `k`+key → task id, `q`+name → queue settings,
+//! `a`+id → agent, `k`+key → task id, `q`+name → queue settings, `c`+name → token,
 //! `w`+workflow id+task id → workflow membership.
 //!
 //! Attempt logs live in a second tree, `logs` (task id + attempt → log),
@@ -11,9 +11,12 @@
 //! scheduler rewrites on every transition.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Store, StoreError, Write, decode, encode};
-use crate::model::{AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, WorkflowId};
+use super::verify::Checker;
+use super::{RecordCounts, Store, StoreError, VerifyReport, Write, decode, encode};
+use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId};
 
 const TASK: u8 = b't';
 const UNFINISHED: u8 = b'u';
@@ -29,6 +32,7 @@ const QUEUE: u8 = b'q';
 /// sled's own default is 1 GiB, which would dominate the server's memory.
 pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
 const WORKFLOW: u8 = b'w';
+const TOKEN: u8 = b'c';
 
 /// A sled-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -36,6 +40,21 @@ pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
     logs: sled::Tree,
+    /// Set when a write or flush failed (a full disk, an I/O error).
+    failed: Arc<AtomicBool>,
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // sled flushes when its last handle goes, and after a failed write
+        // that flush waits forever for the write that failed: a server
+        // stopping on a store failure would hang instead of exiting. A
+        // failed store is left open for the process's exit; what it
+        // acknowledged is durable already.
+        if self.failed.load(Ordering::SeqCst) {
+            std::mem::forget((self.db.clone(), self.tree.clone(), self.logs.clone()));
+        }
+    }
 }
 
 fn engine(e: sled::Error) -> StoreError {
@@ -60,6 +79,18 @@ fn log_key(task: TaskId, attempt: u32) -> [u8; 20] {
 /// grouping wrote them.
 fn decode_events(bytes: &[u8]) -> Result<Vec<TaskEvent>, StoreError> {
     decode::<Vec<TaskEvent>>(bytes).or_else(|_| decode::<TaskEvent>(bytes).map(|event| vec![event]))
+}
+
+/// The events in an event record, from its MessagePack array header alone
+/// (after the version byte); a record that is no array is one event as
+/// stores before grouping wrote it.
+fn events_in_record(bytes: &[u8]) -> u64 {
+    match bytes.get(1..) {
+        Some([b @ 0x90..=0x9f, ..]) => u64::from(b & 0x0f),
+        Some([0xdc, hi, lo, ..]) => u64::from(u16::from_be_bytes([*hi, *lo])),
+        Some([0xdd, a, b, c, d, ..]) => u64::from(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => 1,
+    }
 }
 
 fn task_id_of(key: &[u8]) -> Result<TaskId, StoreError> {
@@ -90,7 +121,35 @@ impl SledStore {
             .map_err(engine)?;
         let tree = db.open_tree("muster").map_err(engine)?;
         let logs = db.open_tree("logs").map_err(engine)?;
-        Ok(Self { db, tree, logs })
+        Ok(Self { db, tree, logs, failed: Arc::default() })
+    }
+
+    /// Opens the store that already is in `dir`, for inspection with the
+    /// server stopped: refused when `dir` does not exist, holds no store,
+    /// or is open in another process (a running server holds its lock).
+    /// sled has no read-only mode; nothing is written here but what sled
+    /// itself does on opening.
+    pub fn open_existing(dir: &Path) -> Result<Self, StoreError> {
+        let shown = dir.display();
+        if !dir.is_dir() {
+            return Err(StoreError::Unavailable(format!("the data directory {shown} does not exist")));
+        }
+        // sled keeps its pages in `db`, next to its `conf`.
+        if !dir.join("db").is_file() || !dir.join("conf").is_file() {
+            return Err(StoreError::Unavailable(format!("{shown} holds no muster store")));
+        }
+        Self::open_with_cache(dir, None, 16 << 20).map_err(|e| match e {
+            StoreError::Engine(message) if message.contains("could not acquire lock") => StoreError::Unavailable(
+                format!("the store in {shown} is in use by another process (is a server running on it?)"),
+            ),
+            other => other,
+        })
+    }
+
+    /// A write that failed: remembered, see `Drop`.
+    fn failure(&self, e: sled::Error) -> StoreError {
+        self.failed.store(true, Ordering::SeqCst);
+        engine(e)
     }
 
     fn scan_prefix<T>(
@@ -132,6 +191,7 @@ impl Store for SledStore {
                     }
                 }
                 Write::Queue(queue) => batch.insert(key(QUEUE, queue.name.as_bytes()), encode(queue)?),
+                Write::Token(token) => batch.insert(key(TOKEN, token.name.as_bytes()), encode(token)?),
                 Write::Event(event) => events.push(event),
                 Write::Agent(agent) => batch.insert(key(AGENT, &agent.id.to_bytes()), encode(agent)?),
                 Write::RemoveAgent(id) => batch.remove(key(AGENT, &id.to_bytes())),
@@ -144,11 +204,33 @@ impl Store for SledStore {
                 batch.insert(key(EVENT, &first.sequence.to_be_bytes()), encode(&group)?);
             }
         }
-        self.tree.apply_batch(batch).map_err(engine)
+        self.tree.apply_batch(batch).map_err(|e| self.failure(e))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(engine)
+        self.db.flush().map(|_| ()).map_err(|e| self.failure(e))
+    }
+
+    fn record_counts(&self) -> Result<RecordCounts, StoreError> {
+        let keys = |prefix: u8| -> Result<u64, StoreError> {
+            self.tree.scan_prefix([prefix]).keys().try_fold(0, |n, k| k.map(|_| n + 1).map_err(engine))
+        };
+        let events = self
+            .tree
+            .scan_prefix([EVENT])
+            .values()
+            .try_fold(0, |n, v| v.map(|v| n + events_in_record(&v)).map_err(engine))?;
+        Ok(RecordCounts {
+            tasks: keys(TASK)?,
+            events,
+            agents: keys(AGENT)?,
+            queues: keys(QUEUE)?,
+            tokens: keys(TOKEN)?,
+            idempotency_keys: keys(IDEMPOTENCY)?,
+            workflow_entries: keys(WORKFLOW)?,
+            unfinished_entries: keys(UNFINISHED)?,
+            logs: self.logs.iter().keys().try_fold(0, |n, k| k.map(|_| n + 1).map_err(engine))?,
+        })
     }
 
     fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
@@ -235,6 +317,10 @@ impl Store for SledStore {
         self.scan_prefix(QUEUE, |_, v| decode(v))
     }
 
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.scan_prefix(TOKEN, |_, v| decode(v))
+    }
+
     fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError> {
         let prefix = key(WORKFLOW, &workflow.to_bytes());
         self.tree
@@ -260,11 +346,75 @@ impl Store for SledStore {
     }
 
     fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError> {
-        self.logs.insert(log_key(log.task_id, log.attempt), encode(log)?).map(|_| ()).map_err(engine)
+        self.logs.insert(log_key(log.task_id, log.attempt), encode(log)?).map(|_| ()).map_err(|e| self.failure(e))
     }
 
     fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError> {
         self.logs.get(log_key(task, attempt)).map_err(engine)?.map(|v| decode(&v)).transpose()
+    }
+
+    fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut checker = Checker::new();
+        // Keys sort by keyspace, and events by sequence within theirs.
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(engine)?;
+            let Some((&prefix, rest)) = k.split_first() else {
+                checker.unknown_key(&k);
+                continue;
+            };
+            let id = <[u8; 16]>::try_from(rest).ok();
+            match prefix {
+                TASK => match id {
+                    Some(id) => checker.task(TaskId::from_bytes(id), decode(&v)),
+                    None => checker.bad_key("task", rest, "not a task id"),
+                },
+                UNFINISHED => match id {
+                    Some(id) => checker.unfinished(TaskId::from_bytes(id)),
+                    None => checker.bad_key("unfinished", rest, "not a task id"),
+                },
+                EVENT => match <[u8; 8]>::try_from(rest) {
+                    Ok(sequence) => checker.events(u64::from_be_bytes(sequence), decode_events(&v)),
+                    Err(_) => checker.bad_key("event", rest, "not a sequence"),
+                },
+                AGENT => match id {
+                    Some(id) => checker.agent(AgentId::from_bytes(id), decode(&v)),
+                    None => checker.bad_key("agent", rest, "not an agent id"),
+                },
+                IDEMPOTENCY => match (std::str::from_utf8(rest), <[u8; 16]>::try_from(v.as_ref())) {
+                    (Ok(name), Ok(task)) => checker.idempotency_key(name.to_owned(), TaskId::from_bytes(task)),
+                    (Err(_), _) => checker.bad_idempotency_entry(rest, "the key is not UTF-8"),
+                    (_, Err(_)) => checker.bad_idempotency_entry(rest, "the value is not a task id"),
+                },
+                QUEUE | TOKEN => match std::str::from_utf8(rest) {
+                    Ok(name) if prefix == QUEUE => checker.queue(name, decode(&v)),
+                    Ok(name) => checker.token(name, decode(&v)),
+                    Err(_) => {
+                        let keyspace = if prefix == QUEUE { "queue" } else { "token" };
+                        checker.bad_key(keyspace, rest, "the name is not UTF-8")
+                    }
+                },
+                WORKFLOW => match (rest.get(..16), rest.get(16..)) {
+                    (Some(workflow), Some(task)) if rest.len() == 32 => {
+                        let workflow = WorkflowId::from_bytes(workflow.try_into().unwrap_or_default());
+                        checker.workflow_entry(workflow, TaskId::from_bytes(task.try_into().unwrap_or_default()))
+                    }
+                    _ => checker.bad_key("workflow", rest, "not a workflow id and a task id"),
+                },
+                _ => checker.unknown_key(&k),
+            }
+        }
+        for item in self.logs.iter() {
+            let (k, v) = item.map_err(engine)?;
+            match (k.get(..16), k.get(16..)) {
+                (Some(task), Some(attempt)) if k.len() == 20 => checker.log(
+                    TaskId::from_bytes(task.try_into().unwrap_or_default()),
+                    u32::from_be_bytes(attempt.try_into().unwrap_or_default()),
+                    decode(&v),
+                ),
+                _ => checker.bad_key("log", &k, "not a task id and an attempt"),
+            }
+        }
+        Ok(checker.finish())
     }
 }
 
@@ -287,6 +437,150 @@ mod tests {
         assert_eq!(seqs, [1, 2, 3]);
         assert_eq!(store.events_after(1, 10)?.len(), 2);
         assert_eq!(store.last_sequence()?, 3);
+        assert_eq!(store.record_counts()?.events, 3, "an old record is one event, a group holds its events");
+        Ok(())
+    }
+
+    use crate::model::TaskState;
+    use crate::store::verify::tests::{fill, kinds};
+    use crate::store::{ProblemKind, test_event, test_task_in};
+
+    fn workflow_key(workflow: WorkflowId, task: TaskId) -> Vec<u8> {
+        let mut k = key(WORKFLOW, &workflow.to_bytes());
+        k.extend_from_slice(&task.to_bytes());
+        k
+    }
+
+    #[test]
+    fn records_that_do_not_decode_are_reported_with_their_keys() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path(), None)?;
+        let (done, open) = fill(&store)?;
+        store.tree.insert(key(TASK, &open.id.to_bytes()), &b"\x01garbage"[..])?;
+        store.tree.insert(key(AGENT, &[7; 16]), &b"\x09"[..])?;
+        store.tree.insert(key(EVENT, &4u64.to_be_bytes()), &b""[..])?;
+        store.tree.insert(&b"zzz"[..], &b""[..])?;
+        store.logs.insert(log_key(done.id, 1), &b"\x01\xc1"[..])?;
+        let report = store.verify()?;
+        let agent = AgentId::from_bytes([7; 16]);
+        assert_eq!(
+            kinds(&report),
+            [
+                (ProblemKind::Undecodable, format!("agent/{agent}")),
+                // The event record of 4 and 5 is lost, so the log jumps.
+                (ProblemKind::Undecodable, "event/4".to_owned()),
+                (ProblemKind::Undecodable, format!("task/{}", open.id)),
+                (ProblemKind::UnknownKey, "zzz".to_owned()),
+                (ProblemKind::Undecodable, format!("log/{}/1", done.id)),
+            ],
+            "{report:#?}"
+        );
+        // The undecodable task still counts as stored: its index entries,
+        // events and key are not reported as strays.
+        assert_eq!(report.records.tasks, 2);
+        assert_eq!(report.records.events, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn dropped_and_stray_index_entries_are_reported() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path(), None)?;
+        let (_, open) = fill(&store)?;
+        let workflow = open.workflow.ok_or("no workflow")?;
+        // Dropped: the open task's unfinished marker, key and membership.
+        store.tree.remove(key(UNFINISHED, &open.id.to_bytes()))?;
+        store.tree.remove(key(IDEMPOTENCY, b"key-1"))?;
+        store.tree.remove(workflow_key(workflow, open.id))?;
+        let report = store.verify()?;
+        let task = format!("task/{}", open.id);
+        assert_eq!(
+            kinds(&report),
+            [
+                (ProblemKind::MissingUnfinished, task.clone()),
+                (ProblemKind::MissingIdempotencyKey, task.clone()),
+                (ProblemKind::MissingWorkflowEntry, task),
+            ],
+            "{report:#?}"
+        );
+
+        // Stray: entries for the finished task and for one never stored.
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path(), None)?;
+        let (done, open) = fill(&store)?;
+        let ghost = test_task_in(TaskState::Queued, None).id;
+        store.tree.insert(key(UNFINISHED, &done.id.to_bytes()), &[][..])?;
+        store.tree.insert(key(UNFINISHED, &ghost.to_bytes()), &[][..])?;
+        store.tree.insert(key(IDEMPOTENCY, b"ghost"), &ghost.to_bytes()[..])?;
+        store.tree.insert(key(IDEMPOTENCY, b"other"), &done.id.to_bytes()[..])?;
+        store.tree.insert(workflow_key(open.workflow.ok_or("no workflow")?, done.id), &[][..])?;
+        store.tree.insert(workflow_key(workflow, ghost), &[][..])?;
+        let report = store.verify()?;
+        let mut found = kinds(&report);
+        let mut expected = vec![
+            (ProblemKind::StrayWorkflowEntry, format!("workflow/{}/{}", open.workflow.ok_or("no workflow")?, done.id)),
+            (ProblemKind::StrayWorkflowEntry, format!("workflow/{workflow}/{ghost}")),
+            (ProblemKind::StrayUnfinished, format!("unfinished/{}", done.id)),
+            (ProblemKind::StrayUnfinished, format!("unfinished/{ghost}")),
+            (ProblemKind::StrayIdempotencyKey, "idempotency/ghost".to_owned()),
+            (ProblemKind::StrayIdempotencyKey, "idempotency/other".to_owned()),
+        ];
+        found.sort();
+        expected.sort();
+        assert_eq!(found, expected, "{report:#?}");
+        assert_eq!(report.problem_count, 6);
+        Ok(())
+    }
+
+    #[test]
+    fn event_gaps_disorder_and_events_of_missing_tasks_are_reported() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path(), None)?;
+        let (done, _) = fill(&store)?;
+        // 2..=5 are stored; 6 and 7 never were.
+        store.write(&[Write::Event(test_event(8, &done)), Write::Event(test_event(9, &done))])?;
+        let stranger = test_task_in(TaskState::Queued, None);
+        store.write(&[Write::Event(test_event(10, &stranger))])?;
+        // A record that repeats a sequence.
+        let repeated = vec![test_event(11, &done), test_event(11, &done)];
+        store.tree.insert(key(EVENT, &11u64.to_be_bytes()), encode(&repeated)?)?;
+        let report = store.verify()?;
+        assert_eq!(
+            kinds(&report),
+            [
+                (ProblemKind::EventGap, "event/8".to_owned()),
+                (ProblemKind::EventOrder, "event/11".to_owned()),
+                (ProblemKind::EventTaskMissing, "event/10".to_owned()),
+            ],
+            "{report:#?}"
+        );
+        assert_eq!(report.problems[0].detail, "sequences 6 to 7 are missing");
+
+        // With no compaction, a log that starts late lost its beginning.
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path(), None)?;
+        let task = test_task_in(TaskState::Queued, None);
+        store.write(&[Write::Task(task.clone()), Write::Event(test_event(5, &task))])?;
+        assert_eq!(kinds(&store.verify()?), [(ProblemKind::EventGap, "event/5".to_owned())]);
+        Ok(())
+    }
+
+    #[test]
+    fn open_existing_refuses_a_missing_directory_an_empty_one_and_a_store_in_use()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let missing = dir.path().join("missing");
+        let error = SledStore::open_existing(&missing).err().ok_or("opened")?;
+        assert!(error.to_string().contains("does not exist"), "{error}");
+        assert!(!missing.exists(), "nothing is created");
+        let error = SledStore::open_existing(dir.path()).err().ok_or("opened")?;
+        assert!(error.to_string().contains("holds no muster store"), "{error}");
+        let running = SledStore::open(dir.path(), None)?;
+        let error = SledStore::open_existing(dir.path()).err().ok_or("opened a store in use")?;
+        assert!(error.to_string().contains("in use by another process"), "{error}");
+        drop(running);
+        let store = SledStore::open_existing(dir.path())?;
+        assert!(store.verify()?.is_clean());
         Ok(())
     }
 }

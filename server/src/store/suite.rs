@@ -5,52 +5,17 @@ use std::time::Duration;
 
 use ulid::Ulid;
 
-use super::{MemoryStore, SledStore, Store, Write};
+use super::{MemoryStore, RecordCounts, SledStore, Store, Write};
 use crate::model::*;
 
 pub(crate) fn make_task(state: TaskState, key: Option<&str>) -> Task {
-    Task {
-        id: TaskId(Ulid::new()),
-        spec: TaskSpec {
-            capability: "shell".into(),
-            selector: BTreeMap::new(),
-            queue: "default".into(),
-            priority: Priority::Normal,
-            payload: bytes::Bytes::from_static(b"{}"),
-            content_type: String::new(),
-            metadata: BTreeMap::new(),
-            timeout: Duration::from_secs(60),
-            queue_timeout: None,
-            retry: RetryPolicy {
-                max_attempts: 3,
-                initial_backoff: Duration::from_secs(1),
-                max_backoff: Duration::from_secs(60),
-                multiplier: 2.0,
-            },
-            idempotency_key: key.map(str::to_owned),
-            not_before: None,
-            trace_context: BTreeMap::new(),
-            key: None,
-            depends_on: Vec::new(),
-            locks: Vec::new(),
-            concurrency: None,
-        },
-        state,
-        attempt: 0,
-        attempt_base: 0,
-        attempts: Vec::new(),
-        output: bytes::Bytes::new(),
-        output_content_type: String::new(),
-        failure: None,
-        progress: None,
-        created_at: 1,
-        updated_at: 1,
-        ready_at: None,
-        deadline: None,
-        cancel_requested: false,
-        sequence: 0,
-        workflow: None,
-    }
+    let spec = TaskSpec {
+        payload: bytes::Bytes::from_static(b"{}"),
+        timeout: Duration::from_secs(60),
+        idempotency_key: key.map(str::to_owned),
+        ..TaskSpec::new("shell")
+    };
+    Task { state, ..Task::new(TaskId(Ulid::new()), spec, None, Some("ci".into()), 1) }
 }
 
 pub(crate) fn make_event(sequence: u64, task: &Task) -> TaskEvent {
@@ -69,11 +34,13 @@ pub(crate) fn make_event(sequence: u64, task: &Task) -> TaskEvent {
         message: String::new(),
         progress: None,
         at: 1,
+        actor: Some("ci".into()),
     }
 }
 
 fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
     assert_eq!(store.last_sequence()?, 0);
+    assert_eq!(store.record_counts()?, RecordCounts::default());
     let queued = make_task(TaskState::Queued, Some("k1"));
     let mut done = make_task(TaskState::Queued, None);
     store.write(&[
@@ -116,6 +83,7 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
         sdk_version: "0".into(),
         metrics_address: String::new(),
         connected_at: 1,
+        identity: "agent-token".into(),
     };
     store.write(&[Write::Agent(agent.clone())])?;
     assert_eq!(store.agents()?, vec![agent.clone()]);
@@ -127,6 +95,21 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
     queue.paused = true;
     store.write(&[Write::Queue(queue.clone())])?;
     assert_eq!(store.queues()?, vec![queue]);
+
+    let mut token = TokenRecord {
+        name: "ci".into(),
+        role: crate::auth::Role::Submitter,
+        scope: crate::auth::Scope { queues: vec!["batch".into()], ..Default::default() },
+        secret_hash: crate::auth::hash_secret("secret"),
+        created_at: 1,
+        expires_at: Some(2),
+        revoked_at: None,
+        created_by: "admin".into(),
+    };
+    store.write(&[Write::Token(token.clone())])?;
+    token.revoked_at = Some(3);
+    store.write(&[Write::Token(token.clone())])?;
+    assert_eq!(store.tokens()?, vec![token]);
 
     let workflow = WorkflowId(Ulid::new());
     let mut member = make_task(TaskState::Pending, None);
@@ -158,6 +141,24 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
     assert_eq!(store.log(queued.id, 2)?, Some(log.clone()));
     assert_eq!(store.log(queued.id, 1)?, None);
     assert_eq!(store.log(done.id, 2)?, None);
+
+    // Every kind counted once per record, replaced records once, removed
+    // ones not at all; events one by one, however they are grouped.
+    let counts = RecordCounts {
+        tasks: 3,
+        events: 41,
+        agents: 0,
+        queues: 1,
+        tokens: 1,
+        idempotency_keys: 1,
+        workflow_entries: 1,
+        unfinished_entries: 2,
+        logs: 1,
+    };
+    assert_eq!(store.record_counts()?, counts);
+    assert_eq!(store.verify()?.records, counts, "what verify finds, decoding everything");
+    store.write(&[Write::Agent(agent)])?;
+    assert_eq!(store.record_counts()?, RecordCounts { agents: 1, ..counts });
     Ok(())
 }
 
@@ -177,6 +178,7 @@ fn sled_store_passes_the_suite_and_keeps_data_across_reopen() -> Result<(), Box<
     assert_eq!(store.last_sequence()?, 41);
     assert_eq!(store.unfinished_tasks()?.len(), 2, "the queued task and the workflow member");
     assert_eq!(store.queues()?.len(), 1);
+    assert_eq!(store.tokens()?.len(), 1);
     let logged = store.tasks_after(None, 10, false)?.into_iter().find_map(|t| store.log(t.id, 2).transpose());
     assert_eq!(logged.transpose()?.map(|log| log.dropped), Some(7));
     Ok(())

@@ -42,7 +42,7 @@ impl Core {
             }
             TaskState::Pending => {
                 let until = task.ready_at;
-                let in_ms = until.map(|u| u.saturating_sub(self.clock.ms(now))).unwrap_or(0);
+                let in_ms = until.map(|u| u.saturating_sub(self.journal.clock.ms(now))).unwrap_or(0);
                 let retrying = task.attempt > task.attempt_base && task.failure.is_some();
                 let (code, what) = if retrying {
                     ("retry_backoff", "backing off before attempt")
@@ -72,7 +72,7 @@ impl Core {
     fn explain_queued(&self, live: &super::Live, now: Instant, reasons: &mut Vec<Reason>) {
         let task = &live.task;
         let spec = &task.spec;
-        if let Some(queue) = self.queues.get(&spec.queue) {
+        if let Some(queue) = self.resources.queue(&spec.queue) {
             if queue.record.paused {
                 reasons.push(reason("queue_paused", format!("queue {} is paused", spec.queue)));
             }
@@ -83,9 +83,7 @@ impl Core {
             }
         }
         for lock in &spec.locks {
-            if let Some(holders) = self.locks.get(&lock.name)
-                && holders.conflicts(lock.mode)
-            {
+            if let Some(holders) = self.resources.conflicting(&lock.name, lock.mode) {
                 let held = holders.holders();
                 let list: Vec<String> = held.iter().map(ToString::to_string).collect();
                 reasons.push(Reason {
@@ -95,7 +93,7 @@ impl Core {
             }
         }
         if let Some(c) = &spec.concurrency {
-            let running = self.running_by_key.get(&c.key).copied().unwrap_or(0);
+            let running = self.resources.running_with_key(&c.key);
             if running >= c.max {
                 let holders: Vec<TaskId> = self
                     .tasks
@@ -114,7 +112,7 @@ impl Core {
                 });
             }
         }
-        let connected: Vec<_> = self.agents.values().filter(|s| s.tx.is_some()).collect();
+        let connected: Vec<_> = self.sessions.iter().filter(|s| s.is_connected()).collect();
         let capable: Vec<_> = connected.iter().filter(|s| s.record.capabilities.contains(&spec.capability)).collect();
         if capable.is_empty() {
             let agents: Vec<String> = connected
@@ -128,8 +126,7 @@ impl Core {
             });
             return;
         }
-        let matching: Vec<_> =
-            capable.iter().filter(|s| spec.selector.iter().all(|(k, v)| s.record.labels.get(k) == Some(v))).collect();
+        let matching: Vec<_> = capable.iter().filter(|s| s.matches(&spec.selector)).collect();
         if matching.is_empty() {
             let agents: Vec<String> = capable
                 .iter()
@@ -160,7 +157,7 @@ impl Core {
             });
             return;
         }
-        let free = matching.iter().any(|s| !s.record.draining && (s.held.len() as u32) < s.record.slots);
+        let free = matching.iter().any(|s| !s.record.draining && s.busy() < s.record.slots);
         if !free {
             let agents: Vec<String> = matching
                 .iter()

@@ -1,81 +1,17 @@
-//! The domain model: tasks, attempts, events and agents as the server sees
-//! them. These are not the wire structs; `grpc::convert` maps between the
-//! two. Every type here is what the store persists.
-
+//! Tasks: specs, states, attempts, failures, progress, events and the
+//! queries and explanations about them.
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use ulid::Ulid;
 
-/// Milliseconds since the Unix epoch: every persisted instant.
-pub type Millis = u64;
+use super::*;
 
-macro_rules! ulid_id {
-    ($(#[$doc:meta])* $name:ident, $what:literal) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        pub struct $name(pub Ulid);
-
-        impl $name {
-            /// The 16 big-endian bytes, which sort like the id.
-            pub fn to_bytes(self) -> [u8; 16] {
-                self.0.to_bytes()
-            }
-
-            /// The inverse of [`Self::to_bytes`].
-            pub fn from_bytes(bytes: [u8; 16]) -> Self {
-                Self(Ulid::from_bytes(bytes))
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.0.fmt(f)
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}", self.0)
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = crate::error::Error;
-
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Ulid::from_string(s.trim()).map(Self).map_err(|_| {
-                    crate::error::Error::invalid(
-                        $what,
-                        format!("'{}' is not a valid {} (26 characters, Crockford base32)", s, $what),
-                    )
-                })
-            }
-        }
-    };
-}
-
-ulid_id!(
-    /// A task's id: a ULID, so ids sort by creation time.
-    TaskId,
-    "task id"
-);
-ulid_id!(
-    /// An agent session's id, stable across resumes.
-    AgentId,
-    "agent id"
-);
-ulid_id!(
-    /// A workflow's id: the tasks of one graph submit share it.
-    WorkflowId,
-    "workflow id"
-);
-
-/// The lifecycle of a task; see DESIGN.md "The task".
+/// The lifecycle of a task: PENDING (not ready yet) and QUEUED (ready),
+/// then ASSIGNED and RUNNING on an agent, ending SUCCEEDED, FAILED or
+/// CANCELLED; a failed attempt with attempts left goes back to PENDING or
+/// QUEUED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TaskState {
     /// Waiting for `not_before` or a retry backoff.
@@ -150,6 +86,19 @@ pub struct RetryPolicy {
     pub multiplier: f64,
 }
 
+impl Default for RetryPolicy {
+    /// Three attempts, backing off from one second, doubling, capped at a
+    /// minute.
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            multiplier: 2.0,
+        }
+    }
+}
+
 impl RetryPolicy {
     /// The backoff before attempt `failures + 1`, given the failures so far
     /// (at least 1) and a uniform random number in `[0, 1)`: "equal jitter",
@@ -159,7 +108,9 @@ impl RetryPolicy {
         let base = self.initial_backoff.as_secs_f64() * self.multiplier.max(1.0).powi(exponent);
         let capped = base.min(self.max_backoff.as_secs_f64());
         let jittered = capped / 2.0 + capped / 2.0 * unit_random.clamp(0.0, 1.0);
-        Duration::from_secs_f64(jittered)
+        // A stored policy is trusted no further than the wire: whatever it
+        // holds, the delay is a valid duration no longer than its cap.
+        Duration::try_from_secs_f64(jittered).unwrap_or(self.max_backoff).min(self.max_backoff)
     }
 }
 
@@ -204,6 +155,33 @@ pub struct TaskSpec {
     /// A cap on concurrently running tasks sharing a key.
     #[serde(default)]
     pub concurrency: Option<ConcurrencySpec>,
+}
+
+impl TaskSpec {
+    /// A spec for `capability` with everything else at its default: queue
+    /// `default`, normal priority, an empty payload, a five-minute timeout,
+    /// the default retry policy, no dependencies, locks or limits.
+    pub fn new(capability: impl Into<String>) -> Self {
+        Self {
+            capability: capability.into(),
+            selector: BTreeMap::new(),
+            queue: "default".to_owned(),
+            priority: Priority::Normal,
+            payload: Bytes::new(),
+            content_type: String::new(),
+            metadata: BTreeMap::new(),
+            timeout: Duration::from_secs(300),
+            queue_timeout: None,
+            retry: RetryPolicy::default(),
+            idempotency_key: None,
+            not_before: None,
+            trace_context: BTreeMap::new(),
+            key: None,
+            depends_on: Vec::new(),
+            locks: Vec::new(),
+            concurrency: None,
+        }
+    }
 }
 
 /// How a lock is held.
@@ -353,8 +331,6 @@ pub mod reason {
     pub const ACCEPTED: &str = "accepted";
     /// The attempt finished successfully.
     pub const COMPLETED: &str = "completed";
-    /// A failed attempt waits before the next one.
-    pub const RETRY_BACKOFF: &str = "retry_backoff";
     /// A pending task's time came.
     pub const READY: &str = "ready";
     /// `RetryTask` put the task back.
@@ -363,8 +339,6 @@ pub mod reason {
     pub const CANCEL_REQUESTED: &str = "cancel_requested";
     /// The agent reported progress.
     pub const PROGRESS: &str = "progress";
-    /// The server re-sent an assignment the agent had not received.
-    pub const REASSIGNED: &str = "reassigned";
     /// A dependency failed or was cancelled.
     pub const UPSTREAM_FAILED: &str = "upstream_failed";
     /// Every dependency succeeded.
@@ -442,9 +416,43 @@ pub struct Task {
     /// The workflow it belongs to.
     #[serde(default)]
     pub workflow: Option<WorkflowId>,
+    /// The name of the token that submitted it (none without
+    /// authentication).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
 }
 
 impl Task {
+    /// A new task, PENDING, created at `now` by `submitted_by`.
+    pub fn new(
+        id: TaskId,
+        spec: TaskSpec,
+        workflow: Option<WorkflowId>,
+        submitted_by: Option<String>,
+        now: Millis,
+    ) -> Self {
+        Self {
+            id,
+            spec,
+            state: TaskState::Pending,
+            attempt: 0,
+            attempt_base: 0,
+            attempts: Vec::new(),
+            output: Bytes::new(),
+            output_content_type: String::new(),
+            failure: None,
+            progress: None,
+            created_at: now,
+            updated_at: now,
+            ready_at: None,
+            deadline: None,
+            cancel_requested: false,
+            sequence: 0,
+            workflow,
+            submitted_by,
+        }
+    }
+
     /// The agent holding the live attempt, if any.
     pub fn live_agent(&self) -> Option<AgentId> {
         if self.state.is_active() { self.attempts.last().map(|a| a.agent_id) } else { None }
@@ -502,93 +510,9 @@ pub struct TaskEvent {
     pub progress: Option<Progress>,
     /// When it happened.
     pub at: Millis,
-}
-
-/// A registered agent, persisted so sessions can resume across a restart.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AgentRecord {
-    /// Its id.
-    pub id: AgentId,
-    /// Its self-chosen name.
-    pub name: String,
-    /// The secret that resumes the session.
-    pub resume_token: String,
-    /// What it can run.
-    pub capabilities: Vec<String>,
-    /// Its labels, matched by selectors.
-    pub labels: BTreeMap<String, String>,
-    /// How many attempts it runs at once.
-    pub slots: u32,
-    /// No new work is assigned while set.
-    pub draining: bool,
-    /// The SDK version it reported.
-    pub sdk_version: String,
-    /// Where its metrics are served.
-    pub metrics_address: String,
-    /// When it first registered.
-    pub connected_at: Millis,
-}
-
-/// What an agent sends at the start of a session, validated.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Registration {
-    /// Human-readable name.
-    pub name: String,
-    /// Capabilities, deduplicated.
-    pub capabilities: Vec<String>,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Slot count.
-    pub slots: u32,
-    /// SDK version.
-    pub sdk_version: String,
-    /// Token of the session to resume, if any.
-    pub resume_token: Option<String>,
-    /// Attempts the agent still holds.
-    pub held_attempts: Vec<(TaskId, u32)>,
-    /// Its metrics endpoint.
-    pub metrics_address: String,
-}
-
-/// Reports an agent sends during a session.
-#[derive(Clone, Debug, PartialEq)]
-pub enum AgentReport {
-    /// The agent started the attempt.
-    Accept(TaskId, u32),
-    /// Progress of a running attempt.
-    Progress(TaskId, u32, u32, String),
-    /// Liveness.
-    Heartbeat,
-    /// The attempt succeeded.
-    Complete(TaskId, u32, Bytes, String),
-    /// The attempt failed.
-    Fail(TaskId, u32, Failure),
-    /// The agent drains itself.
-    DrainSelf,
-}
-
-/// The state of an agent session, as operators see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AgentState {
-    /// Connected and taking work.
-    Connected,
-    /// Connected, taking no new work.
-    Draining,
-    /// Stream broken; may resume within its lease.
-    Disconnected,
-}
-
-/// An agent as operators see it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AgentInfo {
-    /// Its persisted registration.
-    pub record: AgentRecord,
-    /// Session state.
-    pub state: AgentState,
-    /// Attempts held.
-    pub running: Vec<(TaskId, u32)>,
-    /// When the server last heard from it.
-    pub last_seen: Millis,
+    /// Who caused it by a call (submit, cancel, retry), when authenticated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 /// A task query for `ListTasks`.
@@ -614,45 +538,6 @@ impl TaskFilter {
     }
 }
 
-/// Where a log line came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LogStream {
-    /// The handler's own log.
-    Log,
-    /// A child process's standard output.
-    Stdout,
-    /// A child process's standard error.
-    Stderr,
-}
-
-/// One line of an attempt's log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogLine {
-    /// Its place in the attempt's log, from 1, counting dropped lines too.
-    pub position: u64,
-    /// When the agent produced it.
-    pub at: Millis,
-    /// Where it came from.
-    pub stream: LogStream,
-    /// The text, without its line terminator.
-    pub text: String,
-}
-
-/// The kept tail of one attempt's log, as persisted once the attempt ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttemptLog {
-    /// The task.
-    pub task_id: TaskId,
-    /// The attempt.
-    pub attempt: u32,
-    /// The kept lines, oldest first.
-    pub lines: Vec<LogLine>,
-    /// Lines lost in total: dropped from the tail, or by the agent.
-    pub dropped: u64,
-    /// The position the next line would take.
-    pub next_position: u64,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,14 +560,5 @@ mod tests {
         assert_eq!(p.backoff(3, 0.0), Duration::from_secs(2));
         assert_eq!(p.backoff(10, 1.0), Duration::from_secs(10));
         assert_eq!(p.backoff(u32::MAX, 0.5), Duration::from_millis(7500));
-    }
-
-    #[test]
-    fn ids_round_trip_through_strings_and_bytes() {
-        let id = TaskId(Ulid::new());
-        assert_eq!(id.to_string().parse::<TaskId>().ok(), Some(id));
-        assert_eq!(TaskId::from_bytes(id.to_bytes()), id);
-        let err = "nope".parse::<TaskId>().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("task id"), "{err}");
     }
 }

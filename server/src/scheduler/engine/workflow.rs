@@ -5,7 +5,6 @@
 use std::collections::{HashMap, VecDeque};
 
 use tokio::time::Instant;
-use ulid::Ulid;
 
 use super::{Core, Live, Timer};
 use crate::error::Error;
@@ -91,14 +90,9 @@ impl Core {
                 None => fresh += 1,
             }
         }
-        let limit = self.config.limits.max_unfinished_tasks;
-        if self.tasks.len() + fresh > limit {
-            return Err(Error::ResourceExhausted(format!(
-                "the server holds {} unfinished tasks and {fresh} more would exceed max_unfinished_tasks ({limit})",
-                self.tasks.len()
-            )));
-        }
         let creating = |i: usize| existing[i].is_none() && alias[i].is_none();
+        let payload: u64 = (0..n).filter(|&i| creating(i)).map(|i| subs[i].spec.payload.len() as u64).sum();
+        self.admit(fresh, payload)?;
 
         // Resolve every edge; remember outputs of dependencies that already
         // succeeded.
@@ -138,11 +132,8 @@ impl Core {
         }
 
         let order = topological_order(&subs, &parents, &creating)?;
-        let workflow = if n > 1 || subs.iter().any(|s| !s.depends_on.is_empty()) {
-            Some(WorkflowId(self.ids.generate().unwrap_or_else(|_| Ulid::new())))
-        } else {
-            None
-        };
+        let workflow =
+            if n > 1 || subs.iter().any(|s| !s.depends_on.is_empty()) { Some(WorkflowId(self.new_id())) } else { None };
 
         let mut created: Vec<Option<Task>> = vec![None; n];
         let mut subs: Vec<Option<Submission>> = subs.into_iter().map(Some).collect();
@@ -225,56 +216,40 @@ impl Core {
         parents: Vec<ParentOutput>,
         now: Instant,
     ) -> Task {
-        let now_ms = self.clock.ms(now);
-        let id = TaskId(self.ids.generate().unwrap_or_else(|_| Ulid::new()));
+        let now_ms = self.journal.clock.ms(now);
+        let id = TaskId(self.new_id());
         if let Some(key) = &spec.idempotency_key {
             self.idempotency.insert(key.clone(), id);
         }
-        let task = Task {
-            id,
-            spec,
-            state: TaskState::Pending,
-            attempt: 0,
-            attempt_base: 0,
-            attempts: Vec::new(),
-            output: bytes::Bytes::new(),
-            output_content_type: String::new(),
-            failure: None,
-            progress: None,
-            created_at: now_ms,
-            updated_at: now_ms,
-            ready_at: None,
-            deadline: None,
-            cancel_requested: false,
-            sequence: 0,
-            workflow,
-        };
+        let task = Task::new(id, spec, workflow, self.journal.actor(), now_ms);
         let mut live = Live::new(task);
         live.waiting = waiting;
         live.parents = parents;
         if waiting == 0 {
             self.make_ready(&mut live, now);
         }
-        let previous = None;
-        self.event(&mut live.task, previous, reason::SUBMITTED, String::new(), None, now);
+        self.journal.event(&mut live.task, None, reason::SUBMITTED, String::new(), None, now);
         let task = live.task.clone();
-        self.put(live);
+        self.payload_bytes += live.payload_bytes();
+        self.tasks.insert(id, live);
+        self.commit(id);
         task
     }
 
     /// A task with no dependency left: queued, or pending until
     /// `not_before`.
     fn make_ready(&mut self, live: &mut Live, now: Instant) {
-        let now_ms = self.clock.ms(now);
-        match live.task.spec.not_before.filter(|&t| t > now_ms) {
+        let clock = self.journal.clock;
+        match live.task.spec.not_before.filter(|&t| t > clock.ms(now)) {
             Some(at) => {
                 live.task.ready_at = Some(at);
                 let id = live.task.id;
-                self.arm(live, self.clock.instant(at), Timer::Ready(id, at));
+                live.arm(&mut self.timers, clock.instant(at), Timer::Ready(id, at));
             }
             None => {
                 live.task.state = TaskState::Queued;
-                self.enqueue(live, now);
+                live.enqueue(&mut self.ready, &mut self.timers, now);
+                self.dispatch_pending = true;
             }
         }
     }
@@ -294,37 +269,42 @@ impl Core {
     }
 
     fn parent_succeeded(&mut self, child: TaskId, output: ParentOutput, now: Instant) {
-        let Some(mut live) = self.tasks.remove(&child) else { return };
+        let clock = self.journal.clock;
+        let Some(live) = self.tasks.get_mut(&child) else { return };
         if live.task.state != TaskState::Pending || live.waiting == 0 {
-            self.tasks.insert(child, live);
             return;
         }
         live.waiting -= 1;
         live.parents.push(output);
-        if live.waiting == 0 {
-            self.make_ready(&mut live, now);
-            if live.task.state == TaskState::Queued {
-                let previous = Some(TaskState::Pending);
-                self.event(&mut live.task, previous, reason::DEPENDENCIES_SUCCEEDED, String::new(), None, now);
-            }
-            self.put(live);
-        } else {
-            self.tasks.insert(child, live);
+        if live.waiting > 0 {
+            return;
         }
+        match live.task.spec.not_before.filter(|&t| t > clock.ms(now)) {
+            Some(at) => {
+                live.task.ready_at = Some(at);
+                live.arm(&mut self.timers, clock.instant(at), Timer::Ready(child, at));
+            }
+            None => {
+                let why = reason::DEPENDENCIES_SUCCEEDED;
+                self.journal.transition(&mut live.task, TaskState::Queued, why, String::new(), now);
+                live.enqueue(&mut self.ready, &mut self.timers, now);
+                self.dispatch_pending = true;
+            }
+        }
+        self.commit(child);
     }
 
     pub(super) fn cancel_upstream_failed(&mut self, child: TaskId, (parent, state): (TaskId, TaskState), now: Instant) {
-        let Some(mut live) = self.tasks.remove(&child) else { return };
+        let Some(live) = self.tasks.get_mut(&child) else { return };
         if live.task.state != TaskState::Pending {
-            self.tasks.insert(child, live);
             return;
         }
-        self.clear_timers(&mut live);
+        live.clear_timers(&mut self.timers);
         live.task.ready_at = None;
         let message = format!("dependency {parent} ended as {}", state.name());
         live.task.failure = Some(Failure::new(reason::UPSTREAM_FAILED, message.clone(), false));
-        self.transition(&mut live, TaskState::Cancelled, reason::UPSTREAM_FAILED, message, now);
-        self.put(live);
+        self.journal.transition(&mut live.task, TaskState::Cancelled, reason::UPSTREAM_FAILED, message, now);
+        self.commit(child);
     }
 
     /// Rebuilds one recovered task's links: its wait count, its place among

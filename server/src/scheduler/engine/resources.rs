@@ -1,18 +1,20 @@
 //! Locks, concurrency keys and queues: what a ready task needs besides an
-//! agent. Locks and keys are granted all at once at assignment and released
-//! when the attempt ends, so there is no deadlock by construction; a task
-//! that cannot have them is parked until they are released.
+//! agent.
+//!
+//! Invariants:
+//! - Locks and keys are granted all at once at assignment and released when
+//!   the attempt ends, so there is no deadlock by construction.
+//! - A queued task that cannot have them is parked under the first resource
+//!   it lacks, and handed back by [`Resources::release`] when that frees.
+//! - A lock with no holder and a key with no running task are absent from
+//!   the maps, so their size follows the running tasks, not history.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-use super::Core;
 use crate::error::Error;
 use crate::model::*;
 use crate::scheduler::QueueChange;
-use crate::store::Write;
 
 /// Something a ready task can wait for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -26,8 +28,8 @@ pub(crate) enum Resource {
 /// The holders of one lock.
 #[derive(Debug, Default)]
 pub(crate) struct LockHolders {
-    pub(super) exclusive: Option<TaskId>,
-    pub(super) shared: BTreeSet<TaskId>,
+    exclusive: Option<TaskId>,
+    shared: BTreeSet<TaskId>,
 }
 
 impl LockHolders {
@@ -63,20 +65,57 @@ impl QueueState {
     }
 }
 
-impl Core {
+/// Queues, locks, concurrency keys and the tasks parked on them.
+#[derive(Debug, Default)]
+pub(super) struct Resources {
+    queues: HashMap<String, QueueState>,
+    locks: HashMap<String, LockHolders>,
+    running_by_key: HashMap<String, u32>,
+    parked: HashMap<Resource, Vec<TaskId>>,
+}
+
+impl Resources {
+    /// Restores a queue's durable settings.
+    pub(super) fn recovered(&mut self, record: QueueRecord) {
+        self.queues.insert(record.name.clone(), QueueState::new(record));
+    }
+
     fn queue_mut(&mut self, name: &str) -> &mut QueueState {
         self.queues.entry(name.to_owned()).or_insert_with(|| QueueState::new(QueueRecord::new(name)))
+    }
+
+    pub(super) fn queue(&self, name: &str) -> Option<&QueueState> {
+        self.queues.get(name)
+    }
+
+    pub(super) fn queue_names(&self) -> impl Iterator<Item = &str> {
+        self.queues.keys().map(String::as_str)
+    }
+
+    /// True when the queue may have a task assigned now.
+    pub(super) fn can_dispatch(&self, queue: &str) -> bool {
+        self.queues.get(queue).is_none_or(QueueState::can_dispatch)
+    }
+
+    /// The holders of `lock` when they exclude a holder in `mode`.
+    pub(super) fn conflicting(&self, lock: &str, mode: LockMode) -> Option<&LockHolders> {
+        self.locks.get(lock).filter(|h| h.conflicts(mode))
+    }
+
+    /// How many tasks with concurrency key `key` run.
+    pub(super) fn running_with_key(&self, key: &str) -> u32 {
+        self.running_by_key.get(key).copied().unwrap_or(0)
     }
 
     /// The first resource `task` needs that is taken, if any.
     pub(super) fn unavailable(&self, task: &Task) -> Option<Resource> {
         for lock in &task.spec.locks {
-            if self.locks.get(&lock.name).is_some_and(|h| h.conflicts(lock.mode)) {
+            if self.conflicting(&lock.name, lock.mode).is_some() {
                 return Some(Resource::Lock(lock.name.clone()));
             }
         }
         if let Some(c) = &task.spec.concurrency
-            && self.running_by_key.get(&c.key).copied().unwrap_or(0) >= c.max
+            && self.running_with_key(&c.key) >= c.max
         {
             return Some(Resource::Concurrency(c.key.clone()));
         }
@@ -84,7 +123,7 @@ impl Core {
     }
 
     /// Takes every lock and key of `task` and counts it as running in its
-    /// queue. Callers have checked [`Core::unavailable`].
+    /// queue. Callers have checked [`Resources::unavailable`].
     pub(super) fn acquire(&mut self, task: &Task) {
         for lock in &task.spec.locks {
             let holders = self.locks.entry(lock.name.clone()).or_default();
@@ -101,9 +140,10 @@ impl Core {
         self.queue_mut(&task.spec.queue).running += 1;
     }
 
-    /// Gives back what [`Core::acquire`] took and wakes the tasks parked on
-    /// it.
-    pub(super) fn release(&mut self, task: &Task, now: Instant) {
+    /// Gives back what [`Resources::acquire`] took; returns the tasks that
+    /// were parked on it, each with the resource it waited for.
+    pub(super) fn release(&mut self, task: &Task) -> Vec<(Resource, TaskId)> {
+        let mut woken = Vec::new();
         for lock in &task.spec.locks {
             if let Some(holders) = self.locks.get_mut(&lock.name) {
                 if holders.exclusive == Some(task.id) {
@@ -114,7 +154,7 @@ impl Core {
                     self.locks.remove(&lock.name);
                 }
             }
-            self.unpark(&Resource::Lock(lock.name.clone()), now);
+            self.unpark(Resource::Lock(lock.name.clone()), &mut woken);
         }
         if let Some(c) = &task.spec.concurrency {
             if let Some(count) = self.running_by_key.get_mut(&c.key) {
@@ -123,31 +163,21 @@ impl Core {
                     self.running_by_key.remove(&c.key);
                 }
             }
-            self.unpark(&Resource::Concurrency(c.key.clone()), now);
+            self.unpark(Resource::Concurrency(c.key.clone()), &mut woken);
         }
         let queue = self.queue_mut(&task.spec.queue);
         queue.running = queue.running.saturating_sub(1);
-        self.dispatch_pending = true;
+        woken
     }
 
-    /// Moves a queued task out of the ready queues until `resource` frees.
+    /// Parks a queued task until `resource` frees.
     pub(super) fn park(&mut self, id: TaskId, resource: Resource) {
-        let Some(live) = self.tasks.get_mut(&id) else { return };
-        live.token = None;
-        live.parked = Some(resource.clone());
         self.parked.entry(resource).or_default().push(id);
     }
 
-    fn unpark(&mut self, resource: &Resource, now: Instant) {
-        let Some(ids) = self.parked.remove(resource) else { return };
-        for id in ids {
-            let Some(mut live) = self.tasks.remove(&id) else { continue };
-            if live.parked.as_ref() == Some(resource) && live.task.state == TaskState::Queued {
-                live.parked = None;
-                self.enqueue(&mut live, now);
-            }
-            self.tasks.insert(id, live);
-        }
+    fn unpark(&mut self, resource: Resource, woken: &mut Vec<(Resource, TaskId)>) {
+        let Some(ids) = self.parked.remove(&resource) else { return };
+        woken.extend(ids.into_iter().map(|id| (resource.clone(), id)));
     }
 
     fn weight(&self, name: &str) -> i64 {
@@ -156,11 +186,11 @@ impl Core {
 
     /// Smooth weighted round robin among the queues that have a candidate:
     /// the queue with the most credit after each earns its weight. Nothing
-    /// changes until [`Core::charge_queue`] records that it was served.
+    /// changes until [`Resources::charge_queue`] records that it was served.
     pub(super) fn pick_queue<T>(&self, candidates: &HashMap<String, T>) -> Option<String> {
         let mut names: Vec<&String> = candidates.keys().collect();
         names.sort();
-        let credit = |name: &str| self.queues.get(name).map_or(0, |q| q.credit) + self.weight(name);
+        let credit = |name: &str| self.queues.get(name).map_or(0, |q| q.credit).saturating_add(self.weight(name));
         names.into_iter().max_by_key(|name| (credit(name), std::cmp::Reverse(*name))).cloned()
     }
 
@@ -173,42 +203,16 @@ impl Core {
         for name in candidates.keys() {
             let weight = self.weight(name);
             total += weight;
-            self.queue_mut(name).credit += weight;
+            let credit = &mut self.queue_mut(name).credit;
+            *credit = credit.saturating_add(weight);
         }
-        self.queue_mut(served).credit -= total;
+        let credit = &mut self.queue_mut(served).credit;
+        *credit = credit.saturating_sub(total);
     }
 
-    pub(super) fn queue_info(&self, name: &str, now: Instant) -> QueueInfo {
-        let now_ms = self.clock.ms(now);
-        let mut depth: BTreeMap<&'static str, u32> = BTreeMap::new();
-        let mut oldest: Option<Millis> = None;
-        for live in self.tasks.values().filter(|l| l.task.spec.queue == name) {
-            *depth.entry(live.task.state.name()).or_default() += 1;
-            if live.task.state == TaskState::Queued {
-                oldest = Some(oldest.map_or(live.task.updated_at, |o| o.min(live.task.updated_at)));
-            }
-        }
-        let (record, running) = match self.queues.get(name) {
-            Some(q) => (q.record.clone(), q.running),
-            None => (QueueRecord::new(name), 0),
-        };
-        QueueInfo {
-            record,
-            depth,
-            running,
-            oldest_queued_age: oldest.map(|o| Duration::from_millis(now_ms.saturating_sub(o))),
-        }
-    }
-
-    /// Every queue that has settings or unfinished tasks.
-    pub(super) fn list_queues(&self, now: Instant) -> Vec<QueueInfo> {
-        let mut names: BTreeSet<&str> = self.queues.keys().map(String::as_str).collect();
-        names.extend(self.tasks.values().map(|l| l.task.spec.queue.as_str()));
-        names.into_iter().map(|name| self.queue_info(name, now)).collect()
-    }
-
-    /// Pauses, resumes or reconfigures a queue; the settings are durable.
-    pub(super) fn set_queue(&mut self, name: &str, change: QueueChange, now: Instant) -> Result<QueueInfo, Error> {
+    /// Pauses, resumes or reconfigures a queue; returns its new settings,
+    /// which the caller makes durable.
+    pub(super) fn set_queue(&mut self, name: &str, change: QueueChange) -> Result<QueueRecord, Error> {
         if change.weight == Some(0) {
             return Err(Error::invalid("weight", "must be at least 1"));
         }
@@ -222,9 +226,34 @@ impl Core {
         if let Some(max) = change.max_running {
             queue.record.max_running = max;
         }
-        let record = queue.record.clone();
-        self.out.writes.push(Write::Queue(record));
-        self.dispatch_pending = true;
-        Ok(self.queue_info(name, now))
+        Ok(queue.record.clone())
+    }
+}
+
+/// A queue's settings, depth by state and oldest queued age, from the
+/// unfinished tasks.
+pub(super) fn queue_info<'a>(
+    resources: &Resources,
+    name: &str,
+    tasks: impl Iterator<Item = &'a Task>,
+    now_ms: Millis,
+) -> QueueInfo {
+    let mut depth: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let mut oldest: Option<Millis> = None;
+    for task in tasks.filter(|t| t.spec.queue == name) {
+        *depth.entry(task.state.name()).or_default() += 1;
+        if task.state == TaskState::Queued {
+            oldest = Some(oldest.map_or(task.updated_at, |o| o.min(task.updated_at)));
+        }
+    }
+    let (record, running) = match resources.queue(name) {
+        Some(q) => (q.record.clone(), q.running),
+        None => (QueueRecord::new(name), 0),
+    };
+    QueueInfo {
+        record,
+        depth,
+        running,
+        oldest_queued_age: oldest.map(|o| Duration::from_millis(now_ms.saturating_sub(o))),
     }
 }
