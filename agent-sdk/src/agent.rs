@@ -9,16 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::{Output, TaskContext, TaskError};
 use crate::endpoint::normalize_endpoint;
 use crate::metrics::AgentMetrics;
-use crate::{Error, runtime};
-
-/// A type-erased handler, shared by every attempt of its capability.
-pub(crate) type HandlerFn = Arc<dyn Fn(TaskContext) -> BoxFuture<'static, Result<Output, TaskError>> + Send + Sync>;
+use crate::runtime::Runtime;
+use crate::settings::{HandlerFn, Settings};
+use crate::{Credentials, Error};
 
 /// Default number of attempts run at once.
 const DEFAULT_SLOTS: u32 = 4;
@@ -29,22 +27,6 @@ const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The longest agent name the server accepts.
 const MAX_NAME_LEN: usize = 128;
-
-/// Everything the session runtime needs to know, fixed at build time.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub(crate) name: String,
-    /// Normalised endpoints, tried in order.
-    pub(crate) endpoints: Vec<String>,
-    /// The handlers' capabilities, sorted.
-    pub(crate) capabilities: Vec<String>,
-    pub(crate) labels: HashMap<String, String>,
-    pub(crate) slots: u32,
-    pub(crate) metrics_address: String,
-    pub(crate) drain_grace: Duration,
-    pub(crate) backoff_initial: Duration,
-    pub(crate) backoff_max: Duration,
-}
 
 /// A configured agent process, ready to join the fleet with
 /// [`run`](Agent::run).
@@ -73,7 +55,8 @@ pub struct Agent {
 
 impl Agent {
     /// Starts configuring an agent called `name` (not unique; shown in
-    /// listings; `[A-Za-z0-9._-]`, at most 128 characters).
+    /// listings; `[A-Za-z0-9._:/-]` starting with a letter or digit, at most
+    /// 128 characters, as the server accepts).
     pub fn builder(name: impl Into<String>) -> AgentBuilder {
         AgentBuilder {
             name: name.into(),
@@ -87,6 +70,7 @@ impl Agent {
             drain_grace: DEFAULT_DRAIN_GRACE,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            credentials: Credentials::default(),
         }
     }
 
@@ -131,7 +115,7 @@ impl Agent {
             tracing::info!(address = %bound, "serving agent metrics at /metrics");
             endpoint = Some(tokio::spawn(crate::metrics::serve(listener, self.metrics.clone(), stop_metrics.clone())));
         }
-        let result = runtime::Runtime::new(self.settings, self.handlers, self.metrics).run(shutdown).await;
+        let result = Runtime::new(self.settings, self.handlers, self.metrics).run(shutdown).await;
         stop_metrics.cancel();
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
@@ -161,6 +145,7 @@ pub struct AgentBuilder {
     drain_grace: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    credentials: Credentials,
 }
 
 impl AgentBuilder {
@@ -169,6 +154,13 @@ impl AgentBuilder {
     /// in order and a follower's redirect to the leader is followed.
     pub fn server(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoints.push(endpoint.into());
+        self
+    }
+
+    /// The token and TLS settings to connect with (default: none; see
+    /// [`Credentials::from_env`]).
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
         self
     }
 
@@ -258,8 +250,11 @@ impl AgentBuilder {
             return Err(Error::InvalidConfig("slots must be at least 1".to_owned()));
         }
         validate_names(&self.name, self.handlers.keys())?;
-        let endpoints =
-            self.endpoints.iter().map(|endpoint| normalize_endpoint(endpoint)).collect::<Result<Vec<_>, _>>()?;
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| normalize_endpoint(e, self.credentials.uses_tls()))
+            .collect::<Result<_, _>>()?;
         // A zero initial backoff would reconnect in a tight loop.
         let backoff_initial = self.backoff_initial.max(Duration::from_millis(1));
         let backoff_max = self.backoff_max.max(backoff_initial);
@@ -279,6 +274,7 @@ impl AgentBuilder {
             drain_grace: self.drain_grace,
             backoff_initial,
             backoff_max,
+            credentials: self.credentials,
         };
         Ok(Agent {
             settings,
@@ -306,24 +302,28 @@ impl fmt::Debug for AgentBuilder {
     }
 }
 
+/// The characters a name may use besides ASCII letters and digits.
+const NAME_PUNCTUATION: &str = "._:/-";
+
 /// Whether `name` is 1 to 128 characters, starts with a letter or digit and
-/// uses only letters, digits and `extra`: the server's rule for names.
-fn is_valid_name(name: &str, extra: &str) -> bool {
+/// uses only letters, digits and [`NAME_PUNCTUATION`]: the server's rule for
+/// agent names and capabilities alike.
+fn is_valid_name(name: &str) -> bool {
     name.len() <= MAX_NAME_LEN
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || NAME_PUNCTUATION.contains(c))
 }
 
 /// Rejects agent names and capabilities the server would refuse, so the
 /// mistake shows when the agent is built rather than at registration.
 fn validate_names<'a>(name: &str, capabilities: impl IntoIterator<Item = &'a String>) -> Result<(), Error> {
-    if !is_valid_name(name, "._-") {
+    if !is_valid_name(name) {
         return Err(Error::InvalidConfig(format!(
-            "agent name {name:?} must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9._-], starting with a letter or digit"
+            "agent name {name:?} must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9._:/-], starting with a letter or digit"
         )));
     }
     for capability in capabilities {
-        if !is_valid_name(capability, "._:/-") {
+        if !is_valid_name(capability) {
             return Err(Error::InvalidConfig(format!(
                 "capability {capability:?} must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9._:/-], starting with a letter or digit"
             )));
@@ -410,9 +410,17 @@ mod tests {
 
     #[test]
     fn build_rejects_names_the_server_refuses() {
-        for name in ["", "has space", "slash/name", "-leading-dash", &"x".repeat(129)] {
+        for name in ["", "has space", "-leading-dash", "semi;colon", &"x".repeat(129)] {
             let result = Agent::builder(name).server("127.0.0.1:7070").handler("echo", noop).build();
             assert!(config_error(result).contains("agent name"));
+        }
+    }
+
+    #[test]
+    fn build_accepts_every_name_the_server_accepts() {
+        for name in ["team/planner:1", "a.b_c-d", &"x".repeat(128)] {
+            let result = Agent::builder(name).server("127.0.0.1:7070").handler("echo", noop).build();
+            assert!(result.is_ok(), "{name:?}");
         }
     }
 

@@ -1,4 +1,9 @@
 //! [`Client`], the submitter's and operator's view of a Muster server.
+//!
+//! Every method returns the SDK's own types ([`Task`], [`TaskEvent`],
+//! [`AgentInfo`]...), converted from the wire at this edge; requests (task
+//! specs, listing and watch filters, token creation) are still the generated
+//! [`proto`] types.
 
 use std::time::Duration;
 
@@ -7,10 +12,15 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::backoff::jittered;
-use crate::endpoint::{MAX_MESSAGE_SIZE, connect_channel};
+use crate::credentials::AuthChannel;
+use crate::endpoint::{MAX_MESSAGE_SIZE, make_endpoint, normalize_endpoint};
+use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::fleet_service_client::FleetServiceClient;
 use crate::proto::task_service_client::TaskServiceClient;
-use crate::{Error, proto};
+use crate::{
+    AgentInfo, CreatedToken, Credentials, Error, Explanation, LogChunk, QueueInfo, Submission, Task, TaskEvent,
+    TaskPage, TokenInfo, Workflow, proto,
+};
 
 /// Backoff between watch reconnects in [`Client::wait`].
 const WATCH_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
@@ -18,37 +28,75 @@ const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A cheap-to-clone handle on one server for submitting, watching and
 /// cancelling tasks and steering agents. Clones share the HTTP/2 connection.
+///
+/// ```no_run
+/// use futures::StreamExt;
+/// use muster_sdk::{Client, NewTask, TaskState};
+///
+/// # async fn run() -> Result<(), muster_sdk::Error> {
+/// let client = Client::connect("http://127.0.0.1:7070").await?;
+/// let task = client.submit(NewTask::new("word-count").json(&"some text")?.build()).await?;
+/// let mut logs = client.logs(&task.id, 0, true).await?;
+/// while let Some(chunk) = logs.next().await {
+///     for line in chunk?.lines {
+///         println!("[{}] {}", line.stream.as_str(), line.text);
+///     }
+/// }
+/// let done = client.wait(&task.id).await?;
+/// match done.state {
+///     TaskState::Succeeded => println!("{}", String::from_utf8_lossy(&done.output)),
+///     TaskState::Failed | TaskState::Cancelled => eprintln!("failed: {:?}", done.failure),
+///     other => eprintln!("still {other}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Client {
-    tasks: TaskServiceClient<Channel>,
-    fleet: FleetServiceClient<Channel>,
+    tasks: TaskServiceClient<AuthChannel>,
+    fleet: FleetServiceClient<AuthChannel>,
+    admin: AdminServiceClient<AuthChannel>,
 }
 
 impl Client {
     /// Connects to `endpoint` (`http://host:port`; `host:port` means
-    /// `http://host:port`). Fails fast if the server cannot be reached.
+    /// `http://host:port`) without credentials. Fails fast if the server
+    /// cannot be reached.
     pub async fn connect(endpoint: impl Into<String>) -> Result<Client, Error> {
-        let channel = connect_channel(&endpoint.into()).await?;
-        Ok(Self::from_channel(channel))
+        Self::connect_with(endpoint, &Credentials::default()).await
+    }
+
+    /// Connects with a token and TLS settings; with TLS, `host:port` means
+    /// `https://host:port`.
+    pub async fn connect_with(endpoint: impl Into<String>, credentials: &Credentials) -> Result<Client, Error> {
+        let url = normalize_endpoint(&endpoint.into(), credentials.uses_tls())?;
+        let channel = make_endpoint(&url, credentials)?.connect().await?;
+        Ok(Self::from_channel_with(channel, credentials))
     }
 
     /// Wraps an existing channel, for callers that configure TLS, timeouts or
     /// load balancing themselves.
     pub fn from_channel(channel: Channel) -> Client {
+        Self::from_channel_with(channel, &Credentials::default())
+    }
+
+    /// Wraps an existing channel, sending the credentials' token on every
+    /// call (their TLS settings are the channel's business).
+    pub fn from_channel_with(channel: Channel, credentials: &Credentials) -> Client {
+        let authorize = credentials.interceptor();
         Client {
-            tasks: TaskServiceClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(MAX_MESSAGE_SIZE),
-            fleet: FleetServiceClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            tasks: TaskServiceClient::with_interceptor(channel.clone(), authorize.clone())
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+            fleet: FleetServiceClient::with_interceptor(channel.clone(), authorize.clone())
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+            admin: AdminServiceClient::with_interceptor(channel, authorize),
         }
     }
 
     /// Submits one task and returns it as created (or, with an idempotency
     /// key already in use, the existing task). Carries the current span's
     /// trace context like [`submit_many`](Self::submit_many).
-    pub async fn submit(&self, spec: proto::TaskSpec) -> Result<proto::Task, Error> {
+    pub async fn submit(&self, spec: proto::TaskSpec) -> Result<Task, Error> {
         let response = self.submit_many(vec![spec]).await?;
         response.tasks.into_iter().next().ok_or_else(|| Error::Protocol("submit response holds no task".to_owned()))
     }
@@ -58,23 +106,23 @@ impl Client {
     /// Each spec without a `traceparent` gets the current `tracing` span's
     /// (when an OpenTelemetry layer is installed), so the server's and the
     /// handler's spans join the submitter's trace.
-    pub async fn submit_many(&self, mut specs: Vec<proto::TaskSpec>) -> Result<proto::SubmitResponse, Error> {
+    pub async fn submit_many(&self, mut specs: Vec<proto::TaskSpec>) -> Result<Submission, Error> {
         for spec in &mut specs {
             crate::trace::inject(&mut spec.trace_context);
         }
         let request = proto::SubmitRequest { tasks: specs };
-        Ok(self.tasks.clone().submit(request).await?.into_inner())
+        Ok(self.tasks.clone().submit(request).await?.into_inner().into())
     }
 
     /// Fetches one task.
-    pub async fn get(&self, id: &str) -> Result<proto::Task, Error> {
+    pub async fn get(&self, id: &str) -> Result<Task, Error> {
         let request = proto::GetTaskRequest { id: id.to_owned() };
-        Ok(self.tasks.clone().get_task(request).await?.into_inner())
+        Ok(self.tasks.clone().get_task(request).await?.into_inner().into())
     }
 
     /// Lists one page of tasks; pass `next_page_token` back for the next.
-    pub async fn list(&self, request: proto::ListTasksRequest) -> Result<proto::ListTasksResponse, Error> {
-        Ok(self.tasks.clone().list_tasks(request).await?.into_inner())
+    pub async fn list(&self, request: proto::ListTasksRequest) -> Result<TaskPage, Error> {
+        Ok(self.tasks.clone().list_tasks(request).await?.into_inner().into())
     }
 
     /// Streams task events matching `request`. The stream ends when the
@@ -83,9 +131,9 @@ impl Client {
     pub async fn watch(
         &self,
         request: proto::WatchTasksRequest,
-    ) -> Result<BoxStream<'static, Result<proto::TaskEvent, Error>>, Error> {
+    ) -> Result<BoxStream<'static, Result<TaskEvent, Error>>, Error> {
         let stream = self.tasks.clone().watch_tasks(request).await?.into_inner();
-        Ok(stream.map_err(Error::Status).boxed())
+        Ok(stream.map_ok(TaskEvent::from).map_err(Error::Status).boxed())
     }
 
     /// Streams the log lines agents sent for task `id`, attempt by attempt
@@ -97,23 +145,28 @@ impl Client {
     /// line, counting lost ones. Without `follow` the stream ends after the
     /// lines kept now; with it, new lines arrive as agents send them and the
     /// stream ends once the task is finished and its last attempt's log is
-    /// complete (a chunk with `complete` set). Read it with
-    /// [`message`](tonic::Streaming::message) or as a `Stream`.
-    pub async fn logs(&self, id: &str, attempt: u32, follow: bool) -> Result<tonic::Streaming<proto::TaskLogs>, Error> {
+    /// complete (a chunk with `complete` set).
+    pub async fn logs(
+        &self,
+        id: &str,
+        attempt: u32,
+        follow: bool,
+    ) -> Result<BoxStream<'static, Result<LogChunk, Error>>, Error> {
         let request = proto::GetTaskLogsRequest { task_id: id.to_owned(), attempt, follow };
-        Ok(self.tasks.clone().get_task_logs(request).await?.into_inner())
+        let stream = self.tasks.clone().get_task_logs(request).await?.into_inner();
+        Ok(stream.map_ok(LogChunk::from).map_err(Error::Status).boxed())
     }
 
     /// Asks a task to stop; `reason` is recorded as the failure message.
-    pub async fn cancel(&self, id: &str, reason: &str) -> Result<proto::Task, Error> {
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<Task, Error> {
         let request = proto::CancelTaskRequest { id: id.to_owned(), reason: reason.to_owned() };
-        Ok(self.tasks.clone().cancel_task(request).await?.into_inner())
+        Ok(self.tasks.clone().cancel_task(request).await?.into_inner().into())
     }
 
     /// Requeues a failed or cancelled task with a fresh attempt budget.
-    pub async fn retry(&self, id: &str) -> Result<proto::Task, Error> {
+    pub async fn retry(&self, id: &str) -> Result<Task, Error> {
         let request = proto::RetryTaskRequest { id: id.to_owned() };
-        Ok(self.tasks.clone().retry_task(request).await?.into_inner())
+        Ok(self.tasks.clone().retry_task(request).await?.into_inner().into())
     }
 
     /// Waits until the task is terminal (succeeded, failed or cancelled) and
@@ -123,13 +176,13 @@ impl Client {
     /// the two cannot be missed; a watch that breaks is reopened after the
     /// last event seen, with backoff, for as long as the failure looks
     /// transient. Wrap the call in `tokio::time::timeout` to bound it.
-    pub async fn wait(&self, id: &str) -> Result<proto::Task, Error> {
+    pub async fn wait(&self, id: &str) -> Result<Task, Error> {
         let mut events = self.watch(watch_one(id, 0)).await?;
         let mut last_seen = 0u64;
         let mut failures = 0u32;
         loop {
             let task = self.get(id).await?;
-            if task.state().is_terminal() {
+            if task.state.is_terminal() {
                 return Ok(task);
             }
             last_seen = last_seen.max(task.sequence);
@@ -141,8 +194,7 @@ impl Client {
                     Some(Ok(event)) => {
                         failures = 0;
                         last_seen = last_seen.max(event.sequence);
-                        if event.task_id == id && event.kind() == proto::EventKind::State && event.state().is_terminal()
-                        {
+                        if event.task_id == id && event.is_terminal() {
                             break None;
                         }
                     }
@@ -167,7 +219,7 @@ impl Client {
         id: &str,
         last_seen: u64,
         failures: &mut u32,
-    ) -> Result<BoxStream<'static, Result<proto::TaskEvent, Error>>, Error> {
+    ) -> Result<BoxStream<'static, Result<TaskEvent, Error>>, Error> {
         let mut after = last_seen;
         loop {
             let delay = jittered(*failures, WATCH_BACKOFF_INITIAL, WATCH_BACKOFF_MAX);
@@ -193,70 +245,104 @@ impl Client {
 
     /// Lists connected agents, only those advertising `capability` unless it
     /// is empty.
-    pub async fn list_agents(&self, capability: &str) -> Result<Vec<proto::Agent>, Error> {
+    pub async fn list_agents(&self, capability: &str) -> Result<Vec<AgentInfo>, Error> {
         let request = proto::ListAgentsRequest { capability: capability.to_owned() };
-        Ok(self.fleet.clone().list_agents(request).await?.into_inner().agents)
+        Ok(self
+            .fleet
+            .clone()
+            .list_agents(request)
+            .await?
+            .into_inner()
+            .agents
+            .into_iter()
+            .map(AgentInfo::from)
+            .collect())
     }
 
     /// Fetches one agent.
-    pub async fn get_agent(&self, id: &str) -> Result<proto::Agent, Error> {
+    pub async fn get_agent(&self, id: &str) -> Result<AgentInfo, Error> {
         let request = proto::GetAgentRequest { id: id.to_owned() };
-        Ok(self.fleet.clone().get_agent(request).await?.into_inner())
+        Ok(self.fleet.clone().get_agent(request).await?.into_inner().into())
     }
 
     /// Stops new assignments to an agent; its running work finishes.
-    pub async fn drain_agent(&self, id: &str) -> Result<proto::Agent, Error> {
+    pub async fn drain_agent(&self, id: &str) -> Result<AgentInfo, Error> {
         let request = proto::DrainAgentRequest { id: id.to_owned() };
-        Ok(self.fleet.clone().drain_agent(request).await?.into_inner())
+        Ok(self.fleet.clone().drain_agent(request).await?.into_inner().into())
     }
 
     /// Undoes [`drain_agent`](Self::drain_agent).
-    pub async fn resume_agent(&self, id: &str) -> Result<proto::Agent, Error> {
+    pub async fn resume_agent(&self, id: &str) -> Result<AgentInfo, Error> {
         let request = proto::ResumeAgentRequest { id: id.to_owned() };
-        Ok(self.fleet.clone().resume_agent(request).await?.into_inner())
+        Ok(self.fleet.clone().resume_agent(request).await?.into_inner().into())
     }
 
     /// Why a task is not running: every reason that applies, from the
     /// scheduler's live state.
-    pub async fn explain(&self, id: &str) -> Result<proto::Explanation, Error> {
+    pub async fn explain(&self, id: &str) -> Result<Explanation, Error> {
         let request = proto::ExplainTaskRequest { id: id.to_owned() };
-        Ok(self.tasks.clone().explain_task(request).await?.into_inner())
+        Ok(self.tasks.clone().explain_task(request).await?.into_inner().into())
     }
 
     /// A workflow's tasks with per-state counts and percent complete.
-    pub async fn get_workflow(&self, id: &str) -> Result<proto::Workflow, Error> {
+    pub async fn get_workflow(&self, id: &str) -> Result<Workflow, Error> {
         let request = proto::GetWorkflowRequest { id: id.to_owned() };
-        Ok(self.tasks.clone().get_workflow(request).await?.into_inner())
+        Ok(self.tasks.clone().get_workflow(request).await?.into_inner().into())
     }
 
     /// Cancels every unfinished task of a workflow.
-    pub async fn cancel_workflow(&self, id: &str, reason: &str) -> Result<proto::Workflow, Error> {
+    pub async fn cancel_workflow(&self, id: &str, reason: &str) -> Result<Workflow, Error> {
         let request = proto::CancelWorkflowRequest { id: id.to_owned(), reason: reason.to_owned() };
-        Ok(self.tasks.clone().cancel_workflow(request).await?.into_inner())
+        Ok(self.tasks.clone().cancel_workflow(request).await?.into_inner().into())
     }
 
     /// Every queue with settings or unfinished tasks.
-    pub async fn list_queues(&self) -> Result<Vec<proto::Queue>, Error> {
-        Ok(self.fleet.clone().list_queues(proto::ListQueuesRequest {}).await?.into_inner().queues)
+    pub async fn list_queues(&self) -> Result<Vec<QueueInfo>, Error> {
+        let queues = self.fleet.clone().list_queues(proto::ListQueuesRequest {}).await?.into_inner().queues;
+        Ok(queues.into_iter().map(QueueInfo::from).collect())
     }
 
     /// Stops dispatch from a queue.
-    pub async fn pause_queue(&self, name: &str) -> Result<proto::Queue, Error> {
+    pub async fn pause_queue(&self, name: &str) -> Result<QueueInfo, Error> {
         let request = proto::PauseQueueRequest { name: name.to_owned() };
-        Ok(self.fleet.clone().pause_queue(request).await?.into_inner())
+        Ok(self.fleet.clone().pause_queue(request).await?.into_inner().into())
     }
 
     /// Undoes [`pause_queue`](Self::pause_queue).
-    pub async fn resume_queue(&self, name: &str) -> Result<proto::Queue, Error> {
+    pub async fn resume_queue(&self, name: &str) -> Result<QueueInfo, Error> {
         let request = proto::ResumeQueueRequest { name: name.to_owned() };
-        Ok(self.fleet.clone().resume_queue(request).await?.into_inner())
+        Ok(self.fleet.clone().resume_queue(request).await?.into_inner().into())
     }
 
     /// Sets a queue's dispatch weight (0 keeps it) and maximum running count
     /// (0 means unlimited).
-    pub async fn configure_queue(&self, name: &str, weight: u32, max_running: u32) -> Result<proto::Queue, Error> {
+    pub async fn configure_queue(&self, name: &str, weight: u32, max_running: u32) -> Result<QueueInfo, Error> {
         let request = proto::ConfigureQueueRequest { name: name.to_owned(), weight, max_running };
-        Ok(self.fleet.clone().configure_queue(request).await?.into_inner())
+        Ok(self.fleet.clone().configure_queue(request).await?.into_inner().into())
+    }
+
+    /// Creates a token (admin only) and returns it with its secret, which
+    /// the server shows only this once.
+    pub async fn create_token(&self, request: proto::CreateTokenRequest) -> Result<CreatedToken, Error> {
+        Ok(self.admin.clone().create_token(request).await?.into_inner().into())
+    }
+
+    /// Every token, revoked ones included (admin only).
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, Error> {
+        let tokens = self.admin.clone().list_tokens(proto::ListTokensRequest {}).await?.into_inner().tokens;
+        Ok(tokens.into_iter().map(TokenInfo::from).collect())
+    }
+
+    /// Revokes a token at once and closes the agent sessions it opened
+    /// (admin only).
+    pub async fn revoke_token(&self, name: &str) -> Result<TokenInfo, Error> {
+        Ok(self
+            .admin
+            .clone()
+            .revoke_token(proto::RevokeTokenRequest { name: name.to_owned() })
+            .await?
+            .into_inner()
+            .into())
     }
 }
 

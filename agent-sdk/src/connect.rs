@@ -1,5 +1,5 @@
-//! Opening one agent session: dial an endpoint, send `Register`, wait for
-//! `Registered`. Everything after that belongs to the runtime.
+//! Opening one agent stream ([`Link`]): dial an endpoint, send `Register`,
+//! wait for `Registered`. Everything after that belongs to the runtime.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Status, Streaming};
 
 use crate::Error;
+use crate::credentials::Credentials;
 use crate::endpoint::{MAX_MESSAGE_SIZE, make_endpoint, normalize_endpoint};
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{self, agent_message, server_message};
@@ -19,9 +20,10 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Response metadata by which a follower names the leader to connect to.
 const LEADER_METADATA: &str = "muster-leader";
 
-/// An established session.
-pub(crate) struct Session {
-    /// The endpoint this session is connected to, for logs.
+/// An established `Connect` stream to one server (the server's side of it
+/// is its session).
+pub(crate) struct Link {
+    /// The endpoint this stream is connected to, for logs.
     pub(crate) endpoint: String,
     /// Messages to the server. Unbounded so the session owner never blocks
     /// on a slow network while the server waits for it to read; the volume is
@@ -32,7 +34,7 @@ pub(crate) struct Session {
     pub(crate) inbound: Streaming<proto::ServerMessage>,
 }
 
-impl Session {
+impl Link {
     /// Queues `msg` for the server. A failure means the stream is closing;
     /// the runtime notices through `inbound`, and results are resent from
     /// the unacknowledged set after reconnecting, so it is not reported.
@@ -56,8 +58,8 @@ impl ConnectFailure {
         Self { error, redirect: None }
     }
 
-    fn from_status(status: Status) -> Self {
-        Self { redirect: leader_redirect(&status), error: Error::Status(status) }
+    fn from_status(status: Status, tls: bool) -> Self {
+        Self { redirect: leader_redirect(&status, tls), error: Error::Status(status) }
     }
 }
 
@@ -69,21 +71,22 @@ impl From<Error> for ConnectFailure {
 
 /// The normalised leader endpoint an `UNAVAILABLE` status from a follower
 /// points to, if any.
-pub(crate) fn leader_redirect(status: &Status) -> Option<String> {
+pub(crate) fn leader_redirect(status: &Status, tls: bool) -> Option<String> {
     if status.code() != Code::Unavailable {
         return None;
     }
     let leader = status.metadata().get(LEADER_METADATA)?.to_str().ok()?;
-    normalize_endpoint(leader).ok()
+    normalize_endpoint(leader, tls).ok()
 }
 
-/// Dials `endpoint`, registers with `register` and returns the session with
+/// Dials `endpoint`, registers with `register` and returns the stream with
 /// the server's `Registered` answer.
-pub(crate) async fn open_session(
+pub(crate) async fn open_link(
     endpoint: String,
     register: proto::Register,
-) -> Result<(Session, proto::Registered), ConnectFailure> {
-    match tokio::time::timeout(REGISTER_TIMEOUT, handshake(endpoint, register)).await {
+    credentials: Credentials,
+) -> Result<(Link, proto::Registered), ConnectFailure> {
+    match tokio::time::timeout(REGISTER_TIMEOUT, handshake(endpoint, register, credentials)).await {
         Ok(result) => result,
         Err(_elapsed) => Err(ConnectFailure::new(Error::Protocol(format!(
             "no registration answer within {}s",
@@ -95,20 +98,24 @@ pub(crate) async fn open_session(
 async fn handshake(
     endpoint: String,
     register: proto::Register,
-) -> Result<(Session, proto::Registered), ConnectFailure> {
-    let channel = make_endpoint(&endpoint)?.connect().await.map_err(Error::Transport)?;
+    credentials: Credentials,
+) -> Result<(Link, proto::Registered), ConnectFailure> {
+    let channel = make_endpoint(&endpoint, &credentials)?.connect().await.map_err(Error::Transport)?;
+    let tls = credentials.uses_tls();
     let (outbound, requests) = mpsc::unbounded_channel();
     // Queued before the call so it is the first message the server reads;
     // the receiver is alive here, so this cannot fail.
     let _ = outbound.send(proto::AgentMessage { msg: Some(agent_message::Msg::Register(register)) });
-    let mut client = AgentServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
-    let response = client.connect(UnboundedReceiverStream::new(requests)).await.map_err(ConnectFailure::from_status)?;
+    let mut client = AgentServiceClient::with_interceptor(channel, credentials.interceptor())
+        .max_decoding_message_size(MAX_MESSAGE_SIZE);
+    let response = client
+        .connect(UnboundedReceiverStream::new(requests))
+        .await
+        .map_err(|s| ConnectFailure::from_status(s, tls))?;
     let mut inbound = response.into_inner();
-    let first = inbound.message().await.map_err(ConnectFailure::from_status)?;
+    let first = inbound.message().await.map_err(|s| ConnectFailure::from_status(s, tls))?;
     match first.and_then(|message| message.msg) {
-        Some(server_message::Msg::Registered(registered)) => Ok((Session { endpoint, outbound, inbound }, registered)),
+        Some(server_message::Msg::Registered(registered)) => Ok((Link { endpoint, outbound, inbound }, registered)),
         Some(other) => Err(ConnectFailure::new(Error::Protocol(format!(
             "expected registered as the first message, got {}",
             server_message_kind(&other)
@@ -146,13 +153,13 @@ mod tests {
     #[test]
     fn unavailable_with_leader_metadata_redirects() {
         let status = make_status(Code::Unavailable, "10.0.0.7:7070");
-        assert_eq!(leader_redirect(&status).as_deref(), Some("http://10.0.0.7:7070"));
+        assert_eq!(leader_redirect(&status, false).as_deref(), Some("http://10.0.0.7:7070"));
     }
 
     #[test]
     fn other_codes_or_missing_metadata_do_not_redirect() {
-        assert_eq!(leader_redirect(&make_status(Code::Internal, "10.0.0.7:7070")), None);
-        assert_eq!(leader_redirect(&Status::unavailable("down")), None);
-        assert_eq!(leader_redirect(&make_status(Code::Unavailable, "ftp://x")), None);
+        assert_eq!(leader_redirect(&make_status(Code::Internal, "10.0.0.7:7070"), false), None);
+        assert_eq!(leader_redirect(&Status::unavailable("down"), false), None);
+        assert_eq!(leader_redirect(&make_status(Code::Unavailable, "ftp://x"), false), None);
     }
 }

@@ -11,8 +11,11 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::logs::{LogSink, LogWriter, split_lines};
-use crate::proto::{self, LogStream};
+use crate::log_writer::LogWriter;
+use crate::logs::{LogSink, split_lines};
+use crate::proto;
+use crate::text::truncate_at_char_boundary;
+use crate::types::{LogStream, ParentOutput, Priority};
 
 /// Longest progress message sent to the server, in bytes; longer messages are
 /// cut at a character boundary so a chatty handler cannot get the session
@@ -40,9 +43,9 @@ struct ContextInner {
     metadata: HashMap<String, String>,
     trace_context: HashMap<String, String>,
     queue: String,
-    priority: proto::Priority,
+    priority: Priority,
     deadline: Option<SystemTime>,
-    parent_outputs: Vec<proto::ParentOutput>,
+    parent_outputs: Vec<ParentOutput>,
     token: CancellationToken,
     progress: mpsc::Sender<ProgressReport>,
     logs: LogSink,
@@ -67,7 +70,7 @@ impl TaskContext {
         progress: mpsc::Sender<ProgressReport>,
         logs: LogSink,
     ) -> Self {
-        let priority = assignment.priority();
+        let priority = Priority::from(assignment.priority());
         let deadline = assignment.deadline.and_then(|deadline| SystemTime::try_from(deadline).ok());
         Self {
             inner: Arc::new(ContextInner {
@@ -81,7 +84,7 @@ impl TaskContext {
                 queue: assignment.queue,
                 priority,
                 deadline,
-                parent_outputs: assignment.parent_outputs,
+                parent_outputs: assignment.parent_outputs.into_iter().map(ParentOutput::from).collect(),
                 token,
                 progress,
                 logs,
@@ -91,7 +94,7 @@ impl TaskContext {
 
     /// The outputs of the tasks this one depended on, in the order they
     /// finished. Each carries the parent's key in its workflow.
-    pub fn parent_outputs(&self) -> &[proto::ParentOutput] {
+    pub fn parent_outputs(&self) -> &[ParentOutput] {
         &self.inner.parent_outputs
     }
 
@@ -163,7 +166,7 @@ impl TaskContext {
     }
 
     /// The task's priority.
-    pub fn priority(&self) -> proto::Priority {
+    pub fn priority(&self) -> Priority {
         self.inner.priority
     }
 
@@ -205,7 +208,7 @@ impl TaskContext {
 
     /// Like [`log`](Self::log), marking the lines as coming from `stream`:
     /// [`LogStream::Stdout`] and [`LogStream::Stderr`] for a child
-    /// process's output (`Unspecified` counts as `Log`).
+    /// process's output.
     pub fn log_stream(&self, stream: LogStream, line: impl Into<String>) {
         self.inner.logs.push(stream, split_lines(line.into()));
     }
@@ -250,18 +253,6 @@ impl fmt::Debug for TaskContext {
             .field("cancelled", &self.inner.token.is_cancelled())
             .finish_non_exhaustive()
     }
-}
-
-/// Cuts `text` to at most `max` bytes without splitting a character.
-pub(crate) fn truncate_at_char_boundary(text: &mut String, max: usize) {
-    if text.len() <= max {
-        return;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
 }
 
 /// A handler's successful result, stored as the task's output.
@@ -456,18 +447,43 @@ mod tests {
         std::io::Write::write_all(&mut writer, b"four\nfi").unwrap_or_default();
         drop(writer);
         let (lines, dropped) = context.inner.logs.take().unwrap_or_default();
-        let lines: Vec<(LogStream, &str)> = lines.iter().map(|line| (line.stream(), line.text.as_str())).collect();
+        let lines: Vec<(proto::LogStream, &str)> =
+            lines.iter().map(|line| (line.stream(), line.text.as_str())).collect();
         assert_eq!(
             lines,
             [
-                (LogStream::Log, "one"),
-                (LogStream::Log, "two"),
-                (LogStream::Stderr, "three"),
-                (LogStream::Stdout, "four"),
-                (LogStream::Stdout, "fi"),
+                (proto::LogStream::Log, "one"),
+                (proto::LogStream::Log, "two"),
+                (proto::LogStream::Stderr, "three"),
+                (proto::LogStream::Stdout, "four"),
+                (proto::LogStream::Stdout, "fi"),
             ]
         );
         assert_eq!(dropped, 0);
+    }
+
+    #[test]
+    fn priority_and_parent_outputs_are_the_sdks_own_types() {
+        let (tx, _rx) = mpsc::channel(4);
+        let (log_tx, _log_rx) = mpsc::channel(4);
+        let dropped = prometheus::IntCounter::new("dropped_total", "Dropped.").unwrap_or_else(|e| panic!("{e}"));
+        let assignment = proto::Assignment {
+            priority: proto::Priority::High.into(),
+            parent_outputs: vec![proto::ParentOutput {
+                key: "build".to_owned(),
+                task_id: "t0".to_owned(),
+                output: b"\"ok\"".to_vec(),
+                content_type: "application/json".to_owned(),
+            }],
+            ..proto::Assignment::default()
+        };
+        let logs = LogSink::new(("t1".to_owned(), 1), log_tx, dropped);
+        let attempt = proto::AttemptRef::new("t1", 1);
+        let context = TaskContext::new(assignment, attempt, CancellationToken::new(), tx, logs);
+        assert_eq!(context.priority(), Priority::High);
+        assert_eq!(context.parent_outputs().iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["build"]);
+        assert_eq!(context.parent_output("t0"), Some(&b"\"ok\""[..]));
+        assert_eq!(context.parent_json::<String>("build").ok().as_deref(), Some("ok"));
     }
 
     #[test]

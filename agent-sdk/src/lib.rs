@@ -13,7 +13,11 @@
 //!   drains on SIGTERM.
 //! - [`Client`] submits tasks ([`NewTask`] builds their specs), reads,
 //!   watches, cancels and retries them, follows their logs, and drains or
-//!   resumes agents.
+//!   resumes agents. It answers with the SDK's own types ([`Task`],
+//!   [`TaskEvent`], [`LogChunk`], [`AgentInfo`], [`QueueInfo`],
+//!   [`Workflow`], [`Explanation`], [`TokenInfo`]), so a proto change does
+//!   not break their readers; requests are still the generated [`proto`]
+//!   types.
 //!
 //! Execution is at-least-once: a handler may run again for the same task
 //! after a crash or a lost lease, so side effects should be keyed by
@@ -24,22 +28,32 @@
 //! failures, cancellation, graceful shutdown, running against `muster
 //! dev`); `examples/echo_agent.rs` is a second complete agent.
 
+mod actions;
 mod agent;
+mod attempts;
 mod backoff;
 mod client;
 mod connect;
+mod connection;
 mod context;
+mod credentials;
+mod drain;
 mod endpoint;
 mod error;
+mod lease;
+mod log_writer;
 mod logs;
+mod machine;
 mod metrics;
+mod records;
 mod runtime;
+mod settings;
 mod task;
+mod text;
 mod trace;
+mod types;
 
 pub use muster_proto::pb as proto;
-/// Where a log line came from; see [`TaskContext::log_stream`].
-pub use muster_proto::pb::LogStream;
 /// The Prometheus client the agent's registry comes from, so custom metrics
 /// use the same version.
 pub use prometheus;
@@ -48,6 +62,13 @@ pub use tokio_util::sync::CancellationToken;
 pub use crate::agent::{Agent, AgentBuilder};
 pub use crate::client::Client;
 pub use crate::context::{Output, TaskContext, TaskError};
+pub use crate::credentials::Credentials;
 pub use crate::error::Error;
-pub use crate::logs::LogWriter;
+pub use crate::log_writer::LogWriter;
+pub use crate::records::{
+    AgentInfo, AgentState, Attempt, Concurrency, CreatedToken, EventKind, Explanation, ExplanationReason, Failure,
+    Lock, LockMode, LogChunk, LogLine, Progress, QueueInfo, RetryPolicy, Role, Scope, Submission, Task, TaskEvent,
+    TaskPage, TaskSpecInfo, TaskState, TokenInfo, Workflow, WorkflowTask,
+};
 pub use crate::task::NewTask;
+pub use crate::types::{LogStream, ParentOutput, Priority};

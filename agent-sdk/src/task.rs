@@ -55,9 +55,10 @@ impl NewTask {
         self
     }
 
-    /// Orders this task against other ready tasks (FIFO within a level).
-    pub fn priority(mut self, priority: proto::Priority) -> Self {
-        self.spec.priority = priority.into();
+    /// Orders this task against other ready tasks (FIFO within a level);
+    /// takes the SDK's [`Priority`](crate::Priority) or the wire enum.
+    pub fn priority(mut self, priority: impl Into<proto::Priority>) -> Self {
+        self.spec.priority = priority.into().into();
         self
     }
 
@@ -231,6 +232,14 @@ mod tests {
         assert!(spec.retry.is_none());
         assert!(spec.timeout.is_none());
         assert!(spec.queue.is_empty());
+    }
+
+    #[test]
+    fn priority_takes_the_sdks_enum_or_the_wire_one() {
+        let spec = NewTask::new("x").priority(crate::Priority::Critical).build();
+        assert_eq!(spec.priority(), proto::Priority::Critical);
+        let spec = NewTask::new("x").priority(proto::Priority::Low).build();
+        assert_eq!(spec.priority(), proto::Priority::Low);
     }
 
     #[test]

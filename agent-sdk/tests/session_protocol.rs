@@ -2,6 +2,12 @@
 //! against a scripted server over a real loopback connection: each test plays
 //! the server message by message and asserts what the agent sends back.
 //! End-to-end behaviour with the real control plane is tested in `cli/tests`.
+//!
+//! These tests check the wire protocol, not timing: the rules about time
+//! (lease and self-fencing, drain grace, reconnect backoff, the progress and
+//! log throttles) are tested against the agent's state machine with explicit
+//! instants in `src/machine/tests.rs`, `src/attempts/tests.rs`,
+//! `src/lease.rs`, `src/connection.rs` and `src/drain.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -182,7 +188,7 @@ impl ScriptedSession {
 }
 
 /// Every line's stream and text, in the order received.
-fn log_lines(logs: &[proto::LogLines]) -> Vec<(LogStream, String)> {
+fn log_lines(logs: &[proto::LogLines]) -> Vec<(proto::LogStream, String)> {
     logs.iter().flat_map(|log| log.lines.iter().map(|line| (line.stream(), line.text.clone()))).collect()
 }
 
@@ -555,13 +561,13 @@ async fn log_lines_arrive_in_order_with_their_streams_before_the_result() -> any
     let (logs, result) = session.logs_until_result("t1").await?;
     assert!(matches!(result, agent_message::Msg::Complete(_)), "{result:?}");
     let expected = [
-        (LogStream::Log, "first"),
-        (LogStream::Log, "second"),
-        (LogStream::Log, "third"),
-        (LogStream::Stdout, "out 1"),
-        (LogStream::Stdout, "out 2 without newline"),
-        (LogStream::Stderr, "err 1"),
-        (LogStream::Log, "last"),
+        (proto::LogStream::Log, "first"),
+        (proto::LogStream::Log, "second"),
+        (proto::LogStream::Log, "third"),
+        (proto::LogStream::Stdout, "out 1"),
+        (proto::LogStream::Stdout, "out 2 without newline"),
+        (proto::LogStream::Stderr, "err 1"),
+        (proto::LogStream::Log, "last"),
     ]
     .map(|(stream, text)| (stream, text.to_owned()));
     assert_eq!(log_lines(&logs), expected);
@@ -615,7 +621,8 @@ async fn lines_logged_one_at_a_time_are_batched_without_loss() -> anyhow::Result
     // Sent as logged, it would take one message per line.
     assert!(logs.len() < 100, "{DRIP_LINES} lines took {} messages", logs.len());
     assert!(logs.iter().all(|log| log.dropped == 0));
-    let expected: Vec<(LogStream, String)> = (0..DRIP_LINES).map(|i| (LogStream::Log, format!("line {i}"))).collect();
+    let expected: Vec<(proto::LogStream, String)> =
+        (0..DRIP_LINES).map(|i| (proto::LogStream::Log, format!("line {i}"))).collect();
     assert_eq!(log_lines(&logs), expected);
     session.ack("t1");
 
@@ -649,12 +656,13 @@ async fn lines_logged_while_disconnected_are_sent_after_reconnecting_and_before_
     session.expect_register().await?;
     agent.relay(Some("last words")).await?;
     agent.relay(None).await?;
-    // Let the agent record the result before it has a session to send it on.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Whether the handler's end reaches the agent before or after this
+    // answer, the lines come first and the result last; the ordering rule
+    // itself is checked step by step in `attempts/tests.rs`.
     session.registered(true, Duration::from_secs(30));
     let (logs, result) = session.logs_until_result("t1").await?;
     assert!(matches!(result, agent_message::Msg::Complete(_)), "{result:?}");
-    assert_eq!(log_lines(&logs), [(LogStream::Log, "last words".to_owned())]);
+    assert_eq!(log_lines(&logs), [(proto::LogStream::Log, "last words".to_owned())]);
     session.ack("t1");
 
     agent.shutdown.cancel();
