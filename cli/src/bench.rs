@@ -1,4 +1,4 @@
-//! `muster bench`: the performance targets of DESIGN.md, measured on this
+//! `muster bench`: Muster's performance targets, measured on this
 //! machine. The server runs as its own process (its own temp data dir) so
 //! its CPU time and memory can be read from `/proc`; agents, submitters
 //! and watchers run in this process on the real SDK.
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
-use muster_sdk::{Agent, CancellationToken, Client, NewTask, Output, proto};
+use muster_sdk::{Agent, AgentState, CancellationToken, Client, NewTask, Output, TaskState, proto};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
@@ -42,7 +42,7 @@ pub(crate) enum Modes {
     Both,
 }
 
-/// `muster bench` options; the defaults are DESIGN.md's target sizes.
+/// `muster bench` options; the defaults are the sizes the targets name.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
     /// Scenarios to run (repeatable); all when omitted.
@@ -87,13 +87,27 @@ pub(crate) struct BenchArgs {
 struct ServerProcess {
     child: Child,
     endpoint: String,
+    /// The HTTP listener's address (`/metrics`).
+    http: String,
+    /// The settings the server runs with, kept until it stops.
+    _config: tempfile::NamedTempFile,
 }
+
+/// What the benchmarked server changes from the defaults: the per-caller
+/// and per-session rate limits guard a server against hostile clients, and
+/// the load generator, one caller that submits task by task, would measure
+/// them instead of the server.
+const BENCH_CONFIG: &str = "[limits]\nmax_requests_per_second = 1000000\nmax_agent_messages_per_second = 1000000\n";
 
 impl ServerProcess {
     fn spawn(data_dir: &Path, durability: &str) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the muster binary")?;
+        let mut config = tempfile::NamedTempFile::new().context("writing the server's settings")?;
+        std::io::Write::write_all(&mut config, BENCH_CONFIG.as_bytes()).context("writing the server's settings")?;
         let mut child = Command::new(exe)
             .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--durability", durability])
+            .arg("--config")
+            .arg(config.path())
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "warn")
@@ -107,8 +121,12 @@ impl ServerProcess {
         reader.read_line(&mut line)?;
         // Keep draining so the server never writes into a closed pipe.
         std::thread::spawn(move || for _ in reader.lines() {});
-        let addr = line.split_whitespace().skip_while(|w| *w != "on").nth(1).context("no address from muster serve")?;
-        Ok(Self { endpoint: format!("http://{addr}"), child })
+        // "muster serving gRPC on ADDR and HTTP on ADDR"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |word: &str| words.iter().position(|w| *w == word).and_then(|i| words.get(i + 2)).copied();
+        let addr = after("gRPC").context("no gRPC address from muster serve")?;
+        let http = after("HTTP").context("no HTTP address from muster serve")?.to_owned();
+        Ok(Self { endpoint: format!("http://{addr}"), http, child, _config: config })
     }
 
     fn pid(&self) -> u32 {
@@ -117,15 +135,24 @@ impl ServerProcess {
 
     /// User plus system CPU seconds so far.
     fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else { return 0.0 };
-        // Fields after the parenthesised command name; utime and stime are
-        // the 14th and 15th fields overall.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        (ticks(11) + ticks(12)) / hz
+        cpu_seconds(&self.pid().to_string())
+    }
+
+    /// Seconds the server's writer has spent applying (and flushing)
+    /// batches so far, from its `muster_store_commit_seconds` histogram.
+    fn commit_seconds(&self) -> f64 {
+        use std::io::{Read, Write};
+        let read = || -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect(&self.http)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(stream, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.http)?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text)?;
+            Ok(text)
+        };
+        let text = read().unwrap_or_default();
+        let prefix = format!("{}_sum ", muster_server::metrics::STORE_COMMIT);
+        text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0.0)
     }
 
     /// A field of /proc/PID/status in bytes (VmRSS, VmHWM).
@@ -137,9 +164,47 @@ impl ServerProcess {
             .map_or(0, |kb| kb * 1024)
     }
 
-    fn kill(mut self) {
+    fn kill(self) {
+        drop(self);
+    }
+}
+
+/// A scenario that fails part-way still stops the server it started.
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// User plus system CPU seconds of process `pid` ("self" for this one).
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are
+    // the 14th and 15th fields overall.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Beyond this p99 from submit to handler start, the server is not keeping
+/// up: tasks wait in a queue that grows.
+const SUSTAINED_P99_MS: f64 = 100.0;
+/// Beyond this from the last arrival to the last result, a backlog built up.
+const SUSTAINED_DRAIN: Duration = Duration::from_secs(1);
+
+/// What limited a run, from what each part used of its capacity over it.
+fn bottleneck(server_cores: f64, load_cores: f64, commit_busy: f64) -> &'static str {
+    let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    if commit_busy > 0.8 {
+        "store commit time"
+    } else if server_cores + load_cores > 0.85 * cores {
+        if server_cores >= load_cores { "server CPU" } else { "load generator CPU" }
+    } else {
+        "none seen"
     }
 }
 
@@ -223,23 +288,24 @@ impl Fleet {
 type Seen = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Counts SUCCEEDED events (each is durable when published) and when they
-/// arrived, by task id.
-fn watch_successes(client: &Client) -> (Arc<AtomicU64>, Seen, tokio::task::JoinHandle<()>) {
+/// arrived, by task id. The watch is open when this returns (the server
+/// has subscribed and fixed its starting sequence), so no task submitted
+/// afterwards can finish unseen.
+async fn watch_successes(client: &Client) -> anyhow::Result<(Arc<AtomicU64>, Seen, tokio::task::JoinHandle<()>)> {
     let count = Arc::new(AtomicU64::new(0));
     let done: Seen = Arc::default();
-    let (c, d, client) = (count.clone(), done.clone(), client.clone());
+    let (c, d) = (count.clone(), done.clone());
+    let request = proto::WatchTasksRequest { states: vec![TaskState::Succeeded.into()], ..Default::default() };
+    let mut events = client.watch(request).await.context("watching for finished tasks")?;
     let handle = tokio::spawn(async move {
-        let request =
-            proto::WatchTasksRequest { states: vec![proto::TaskState::Succeeded as i32], ..Default::default() };
-        let Ok(mut events) = client.watch(request).await else { return };
         while let Some(Ok(event)) = events.next().await {
-            if event.state() == proto::TaskState::Succeeded {
+            if event.state == TaskState::Succeeded {
                 d.lock().await.insert(event.task_id, Instant::now());
                 c.fetch_add(1, Ordering::SeqCst);
             }
         }
     });
-    (count, done, handle)
+    Ok((count, done, handle))
 }
 
 async fn wait_for(count: &AtomicU64, target: u64, limit: Duration) -> anyhow::Result<()> {
@@ -277,7 +343,7 @@ async fn verify(client: &Client, submitted: &HashSet<String>, runs: &HashMap<Str
     loop {
         let page = client
             .list(proto::ListTasksRequest {
-                states: vec![proto::TaskState::Succeeded as i32],
+                states: vec![TaskState::Succeeded.into()],
                 page_size: 1000,
                 page_token: page_token.clone(),
                 ..Default::default()
@@ -306,7 +372,7 @@ async fn burn_down(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> 
     let server = ServerProcess::spawn(dir.path(), durability)?;
     let client = Client::connect(server.endpoint.clone()).await?;
     let fleet = Fleet::start(&client, &server.endpoint, args.agents, args.slots, "noop").await?;
-    let (succeeded, _, watcher) = watch_successes(&client);
+    let (succeeded, _, watcher) = watch_successes(&client).await?;
     let cpu_before = server.cpu_seconds();
     let started = Instant::now();
     let submitted: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -360,13 +426,14 @@ async fn latency(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> {
     let server = ServerProcess::spawn(dir.path(), durability)?;
     let client = Client::connect(server.endpoint.clone()).await?;
     let fleet = Fleet::start(&client, &server.endpoint, args.agents, args.slots, "noop").await?;
-    let (succeeded, done, watcher) = watch_successes(&client);
+    let (succeeded, done, watcher) = watch_successes(&client).await?;
     let total = (f64::from(args.rate) * args.duration.as_secs_f64()) as u64;
     let submit_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let ids: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let failures = Arc::new(AtomicU64::new(0));
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (server_cpu, load_cpu, commit) = (server.cpu_seconds(), cpu_seconds("self"), server.commit_seconds());
     let started = Instant::now();
     let mut inflight = Vec::with_capacity(total as usize);
     for n in 0..total {
@@ -391,6 +458,11 @@ async fn latency(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> {
         let _ = task.await;
     }
     wait_for(&succeeded, total, Duration::from_secs(120)).await?;
+    let window = started.elapsed().as_secs_f64();
+    let drain_seconds = window - arrival_seconds;
+    let server_cores = (server.cpu_seconds() - server_cpu) / window;
+    let load_cores = (cpu_seconds("self") - load_cpu) / window;
+    let commit_busy = (server.commit_seconds() - commit) / window;
     let submit_at = submit_at.lock().await.clone();
     let started_at = fleet.started.lock().await.clone();
     let ids = ids.lock().await.clone();
@@ -406,14 +478,26 @@ async fn latency(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> {
     let achieved = total as f64 / arrival_seconds;
     let submitted: HashSet<String> = ids.keys().cloned().collect();
     let check = finish(&client, &submitted, fleet, watcher, server).await?;
+    let to_start = latency_summary(to_start);
+    // The server kept up: arrivals went out on time, none failed, tasks did
+    // not wait in a growing queue, and no backlog was left at the end.
+    let sustained = achieved >= f64::from(args.rate) * 0.95
+        && failures.load(Ordering::SeqCst) == 0
+        && to_start["p99_ms"].as_f64().is_some_and(|p99| p99 < SUSTAINED_P99_MS)
+        && drain_seconds < SUSTAINED_DRAIN.as_secs_f64();
     Ok(json!({
         "durability": durability,
         "target_rate": args.rate,
         "achieved_rate": achieved,
-        "sustained": achieved >= f64::from(args.rate) * 0.95 && failures.load(Ordering::SeqCst) == 0,
+        "sustained": sustained,
+        "drain_seconds": drain_seconds,
+        "server_cpu_cores": server_cores,
+        "load_generator_cpu_cores": load_cores,
+        "store_commit_busy": commit_busy,
+        "bottleneck": bottleneck(server_cores, load_cores, commit_busy),
         "tasks": total,
         "submit_errors": failures.load(Ordering::SeqCst),
-        "submit_to_handler_start": latency_summary(to_start),
+        "submit_to_handler_start": to_start,
         "submit_to_result_durable": latency_summary(to_durable),
         "check": check,
     }))
@@ -459,8 +543,7 @@ async fn idle_agents(args: &BenchArgs) -> anyhow::Result<Value> {
             bail!("only {connected} of {} agents connected within 300s", args.idle_agents);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        connected =
-            client.list_agents("idle").await?.iter().filter(|a| a.state() == proto::AgentState::Connected).count();
+        connected = client.list_agents("idle").await?.iter().filter(|a| a.state == AgentState::Connected).count();
     }
     let connect_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -494,47 +577,16 @@ fn fill_store(dir: &Path, stored: usize, unfinished: usize) -> anyhow::Result<()
     for i in 0..stored {
         let id = TaskId(generator.generate().unwrap_or_else(|_| ulid::Ulid::new()));
         let done = i >= unfinished;
+        let spec = TaskSpec {
+            payload: bytes::Bytes::from_static(b"{\"job\":\"stored\"}"),
+            content_type: "application/json".into(),
+            ..TaskSpec::new("recover")
+        };
         let task = Task {
-            id,
-            spec: TaskSpec {
-                capability: "recover".into(),
-                selector: Default::default(),
-                queue: "default".into(),
-                priority: Priority::Normal,
-                payload: bytes::Bytes::from_static(b"{\"job\":\"stored\"}"),
-                content_type: "application/json".into(),
-                metadata: Default::default(),
-                timeout: Duration::from_secs(300),
-                queue_timeout: None,
-                retry: RetryPolicy {
-                    max_attempts: 3,
-                    initial_backoff: Duration::from_secs(1),
-                    max_backoff: Duration::from_secs(60),
-                    multiplier: 2.0,
-                },
-                idempotency_key: None,
-                not_before: None,
-                trace_context: Default::default(),
-                key: None,
-                depends_on: Vec::new(),
-                locks: Vec::new(),
-                concurrency: None,
-            },
             state: if done { TaskState::Succeeded } else { TaskState::Queued },
             attempt: u32::from(done),
-            attempt_base: 0,
-            attempts: Vec::new(),
             output: if done { bytes::Bytes::from_static(b"ok") } else { bytes::Bytes::new() },
-            output_content_type: String::new(),
-            failure: None,
-            progress: None,
-            created_at: now,
-            updated_at: now,
-            ready_at: None,
-            deadline: None,
-            cancel_requested: false,
-            sequence: 0,
-            workflow: None,
+            ..Task::new(id, spec, None, None, now)
         };
         batch.push(Write::Task(task));
         if batch.len() == 10_000 {
@@ -621,10 +673,11 @@ fn summary_line(name: &str, result: &Value) -> String {
             f(&result["server_peak_rss_bytes"]) / 1048576.0
         ),
         "latency" => format!(
-            "latency    {:<8} {:>6.0}/s (sustained: {}), handler start p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, durable result p99 {:.2} ms",
+            "latency    {:<8} {:>6.0}/s (sustained: {}, bottleneck: {}), handler start p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, durable result p99 {:.2} ms",
             result["durability"].as_str().unwrap_or(""),
             f(&result["achieved_rate"]),
             result["sustained"],
+            result["bottleneck"].as_str().unwrap_or(""),
             f(&result["submit_to_handler_start"]["p50_ms"]),
             f(&result["submit_to_handler_start"]["p99_ms"]),
             f(&result["submit_to_handler_start"]["p999_ms"]),

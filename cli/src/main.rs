@@ -4,7 +4,9 @@
 mod bench;
 mod output;
 mod serve;
+mod store;
 mod telemetry;
+mod token;
 mod workflow;
 
 /// mimalloc instead of the system allocator: the store copies its tree
@@ -19,7 +21,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use muster_sdk::proto;
-use muster_sdk::{Client, NewTask};
+use muster_sdk::{Client, Credentials, NewTask, TaskState};
 
 use crate::output::Output;
 use crate::serve::ServeArgs;
@@ -31,6 +33,19 @@ struct Cli {
     /// The server's gRPC endpoint.
     #[arg(long, global = true, env = "MUSTER_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
+    /// The bearer token to call the server with.
+    #[arg(long, global = true, env = "MUSTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA bundle that signs the server's certificate (implies https).
+    #[arg(long, global = true, env = "MUSTER_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// This process's PEM certificate: the server's for serve, the client's
+    /// (mutual TLS) for every other command.
+    #[arg(long, global = true, env = "MUSTER_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "MUSTER_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
     /// How results are printed.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -53,6 +68,12 @@ enum Command {
     /// Run the control plane.
     Serve(ServeArgs),
     /// Run the control plane with a local data directory and a shell agent.
+    ///
+    /// Always plaintext and without authentication, so only on loopback
+    /// addresses: a config file's [tls], [auth] and `insecure` do not
+    /// apply, and --auth, --insecure, --tls-client-ca or a non-loopback
+    /// --listen / --http-listen are refused. Use `muster serve` with TLS
+    /// and tokens for anything reachable from another machine.
     Dev {
         #[command(flatten)]
         serve: ServeArgs,
@@ -72,7 +93,13 @@ enum Command {
     /// Inspect, pause, resume and weight queues.
     #[command(subcommand)]
     Queue(workflow::QueueCommand),
-    /// Measure throughput, latency, idle agents and recovery (DESIGN.md's
+    /// Create, list and revoke access tokens (admin).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Work on a data directory's store with the server stopped.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
+    /// Measure throughput, latency, idle agents and recovery (Muster's
     /// performance targets) and print a JSON report.
     Bench(bench::BenchArgs),
     /// Run the shell agent (capability `shell`) against --server.
@@ -213,8 +240,11 @@ fn main() -> std::process::ExitCode {
     let service = match cli.command {
         Command::Serve(_) | Command::Dev { .. } => "muster-server",
         Command::ShellAgent { .. } => "muster-agent",
-        Command::Task(_) | Command::Agent(_) | Command::Workflow(_) | Command::Queue(_) => "muster-cli",
+        Command::Task(_) | Command::Agent(_) | Command::Workflow(_) | Command::Queue(_) | Command::Token(_) => {
+            "muster-cli"
+        }
         Command::Bench(_) => "muster-bench",
+        Command::Store(_) => "muster-store",
     };
     // The bench runs thousands of agents in this process: only problems.
     let level = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" };
@@ -234,41 +264,73 @@ fn main() -> std::process::ExitCode {
     code
 }
 
+/// Where a command connects and with which credentials.
+#[derive(Debug)]
+struct Target {
+    server: String,
+    credentials: Credentials,
+}
+
+impl Target {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let credentials = Credentials::from_parts(
+            cli.token.as_deref(),
+            cli.tls_ca.as_deref(),
+            cli.tls_cert.as_deref(),
+            cli.tls_key.as_deref(),
+        )?;
+        Ok(Self { server: cli.server.clone(), credentials })
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     let out = Output::new(cli.output == Format::Json);
+    let tls_files = (cli.tls_cert.clone(), cli.tls_key.clone());
+    let target = match &cli.command {
+        // For the server, --tls-cert and --tls-key are its own certificate.
+        Command::Serve(_) | Command::Dev { .. } | Command::Bench(_) | Command::Store(_) => None,
+        _ => Some(Target::new(&cli)?),
+    };
+    let target = || target.as_ref().context("this command does not connect to a server");
     match cli.command {
-        Command::Serve(args) => serve::serve(&args).await?,
+        Command::Serve(args) => serve::serve(&args, tls_files).await?,
         Command::Dev { serve, agent_slots } => serve::dev(&serve, agent_slots).await?,
-        Command::Task(command) => return task(&cli.server, command, &out).await,
-        Command::Agent(command) => agent(&cli.server, command, &out).await?,
+        Command::Task(command) => return task(target()?, command, &out).await,
+        Command::Agent(command) => agent(target()?, command, &out).await?,
         Command::Workflow(command) => {
-            let client = connect(&cli.server).await?;
+            let client = connect(target()?).await?;
             if !workflow::workflow(&client, command, &out).await? {
                 return Ok(std::process::ExitCode::FAILURE);
             }
         }
-        Command::Queue(command) => workflow::queue(&connect(&cli.server).await?, command, &out).await?,
+        Command::Queue(command) => workflow::queue(&connect(target()?).await?, command, &out).await?,
+        Command::Token(command) => token::token(&connect(target()?).await?, command, &out).await?,
         Command::Bench(args) => bench::run(args, cli.output == Format::Json).await?,
+        Command::Store(command) => return store::store(command, &out).await,
         Command::ShellAgent { name, slots, shell, metrics_listen } => {
+            muster_shell_agent::protect_process().context("cannot protect the agent process")?;
+            let target = target()?;
             let base = muster_shell_agent::ShellAgentConfig {
-                server: cli.server.clone(),
+                server: target.server.clone(),
                 ..muster_shell_agent::ShellAgentConfig::default()
             };
             let mut config = shell.apply(base)?;
             config.name = name.unwrap_or(config.name);
             config.slots = slots.unwrap_or(config.slots);
             config.metrics_listen = metrics_listen.or(config.metrics_listen);
-            muster_shell_agent::build_agent(&config)?.run().await?;
+            muster_shell_agent::build_agent_with(&config, target.credentials.clone())?.run().await?;
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn connect(server: &str) -> anyhow::Result<Client> {
-    Client::connect(server).await.with_context(|| format!("cannot reach the muster server at {server}"))
+async fn connect(target: &Target) -> anyhow::Result<Client> {
+    Client::connect_with(target.server.clone(), &target.credentials)
+        .await
+        .with_context(|| format!("cannot reach the muster server at {}", target.server))
 }
 
-fn key_value(field: &str, text: &str) -> anyhow::Result<(String, String)> {
+pub(crate) fn key_value(field: &str, text: &str) -> anyhow::Result<(String, String)> {
     match text.split_once('=') {
         Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
         None => bail!("--{field} takes key=value, got '{text}'"),
@@ -287,8 +349,8 @@ fn read_payload(text: &str) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-async fn task(server: &str, command: TaskCommand, out: &Output) -> anyhow::Result<std::process::ExitCode> {
-    let client = connect(server).await?;
+async fn task(target: &Target, command: TaskCommand, out: &Output) -> anyhow::Result<std::process::ExitCode> {
+    let client = connect(target).await?;
     match command {
         TaskCommand::Submit(args) => {
             let payload = read_payload(&args.payload)?;
@@ -325,7 +387,10 @@ async fn task(server: &str, command: TaskCommand, out: &Output) -> anyhow::Resul
                 spec = spec.idempotency_key(k.clone());
             }
             if let Some(d) = args.delay {
-                spec = spec.not_before(SystemTime::now() + d);
+                let at = SystemTime::now()
+                    .checked_add(d)
+                    .with_context(|| format!("--delay: {} is too far ahead", humantime::format_duration(d)))?;
+                spec = spec.not_before(at);
             }
             let task = client.submit(spec.build()).await?;
             if !args.wait {
@@ -334,7 +399,7 @@ async fn task(server: &str, command: TaskCommand, out: &Output) -> anyhow::Resul
             }
             let task = client.wait(&task.id).await?;
             out.task(&task);
-            if task.state() == proto::TaskState::Succeeded {
+            if task.state == TaskState::Succeeded {
                 Ok(std::process::ExitCode::SUCCESS)
             } else {
                 Ok(std::process::ExitCode::FAILURE)
@@ -347,9 +412,7 @@ async fn task(server: &str, command: TaskCommand, out: &Output) -> anyhow::Resul
         TaskCommand::List { state, queue, capability, limit } => {
             let states = state
                 .iter()
-                .map(|s| {
-                    proto::TaskState::parse(s).map(|s| s as i32).with_context(|| format!("'{s}' is not a task state"))
-                })
+                .map(|s| TaskState::parse(s).map(i32::from).with_context(|| format!("'{s}' is not a task state")))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut tasks = Vec::new();
             let mut page_token = String::new();
@@ -411,8 +474,8 @@ async fn task(server: &str, command: TaskCommand, out: &Output) -> anyhow::Resul
     }
 }
 
-async fn agent(server: &str, command: AgentCommand, out: &Output) -> anyhow::Result<()> {
-    let client = connect(server).await?;
+async fn agent(target: &Target, command: AgentCommand, out: &Output) -> anyhow::Result<()> {
+    let client = connect(target).await?;
     match command {
         AgentCommand::List { capability } => {
             out.agents(&client.list_agents(capability.as_deref().unwrap_or("")).await?)

@@ -8,9 +8,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use muster_server::{Durability, ServerConfig};
+use muster_server::{Durability, ServerConfig, TlsConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+/// Prints a line of the start-up banner. A reader that went away (a
+/// supervisor that read only the first line) is no reason to stop serving.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 /// Settings shared by `serve` and `dev`. Each flag also reads a `MUSTER_*`
 /// variable; both override the TOML file given by `--config`.
@@ -40,12 +49,60 @@ pub(crate) struct ServeArgs {
     /// How long a cancelled running task has to stop, e.g. 30s.
     #[arg(long, env = "MUSTER_CANCEL_GRACE", value_parser = humantime::parse_duration)]
     pub(crate) cancel_grace: Option<Duration>,
+    /// PEM CA bundle of client certificates: with it, every client must
+    /// present a certificate it signs (mutual TLS).
+    #[arg(long, env = "MUSTER_TLS_CLIENT_CA")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+    /// Require a credential on every call (on by default with TLS);
+    /// --auth=false turns it off.
+    #[arg(long, env = "MUSTER_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub(crate) auth: Option<bool>,
+    /// Allow listening beyond loopback without TLS and authentication.
+    #[arg(long, env = "MUSTER_INSECURE")]
+    pub(crate) insecure: bool,
 }
 
+/// The server's own certificate and key (the global --tls-cert and
+/// --tls-key).
+pub(crate) type TlsFiles = (Option<PathBuf>, Option<PathBuf>);
+
 impl ServeArgs {
-    /// The layered configuration; `data_dir` is the default data directory
-    /// when neither the file, the environment nor a flag sets one.
-    pub(crate) fn load(&self, default_data_dir: &str) -> anyhow::Result<ServerConfig> {
+    /// The layered configuration, checked; `data_dir` is the default data
+    /// directory when neither the file, the environment nor a flag sets one.
+    pub(crate) fn load(&self, default_data_dir: &str, tls_files: TlsFiles) -> anyhow::Result<ServerConfig> {
+        let config = self.layered(default_data_dir, tls_files)?;
+        config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        Ok(config)
+    }
+
+    /// `muster dev`'s configuration: the layers, then plaintext and without
+    /// authentication whatever they say, so only on loopback addresses.
+    pub(crate) fn load_dev(&self) -> anyhow::Result<ServerConfig> {
+        if self.insecure || self.auth == Some(true) || self.tls_client_ca.is_some() {
+            anyhow::bail!(
+                "muster dev is always plaintext and without authentication, on loopback only: --insecure, --auth \
+                 and --tls-client-ca are for muster serve"
+            );
+        }
+        let mut config = self.layered(".muster/dev", (None, None))?;
+        for (field, addr) in [("listen", config.listen), ("http_listen", config.http_listen)] {
+            if !addr.ip().is_loopback() {
+                anyhow::bail!(
+                    "invalid configuration: {field}: muster dev serves plaintext without authentication, so only \
+                     on a loopback address, not {addr}; run muster serve with TLS and tokens to be reachable from \
+                     other machines"
+                );
+            }
+        }
+        config.tls = None;
+        config.auth = muster_server::AuthConfig { enabled: Some(false), ..Default::default() };
+        config.insecure = false;
+        config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        Ok(config)
+    }
+
+    /// The layers, unchecked.
+    fn layered(&self, default_data_dir: &str, tls_files: TlsFiles) -> anyhow::Result<ServerConfig> {
         let mut config = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -74,7 +131,32 @@ impl ServeArgs {
         if let Some(v) = self.cancel_grace {
             config.cancel_grace = v;
         }
-        config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        match (tls_files, &mut config.tls) {
+            ((Some(cert), Some(key)), tls) => {
+                let previous = tls.take();
+                *tls = Some(TlsConfig {
+                    cert,
+                    key,
+                    client_ca: previous.as_ref().and_then(|t| t.client_ca.clone()),
+                    reload_interval: previous.map_or(Duration::from_secs(10), |t| t.reload_interval),
+                });
+            }
+            ((None, None), _) => {}
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        }
+        if let Some(ca) = &self.tls_client_ca {
+            match &mut config.tls {
+                Some(tls) => tls.client_ca = Some(ca.clone()),
+                None => anyhow::bail!("--tls-client-ca needs --tls-cert and --tls-key"),
+            }
+        }
+        if let Some(v) = self.auth {
+            config.auth.enabled = Some(v);
+        }
+        if let Some(token) = std::env::var("MUSTER_BOOTSTRAP_TOKEN").ok().filter(|t| !t.is_empty()) {
+            config.auth.bootstrap_token = Some(token);
+        }
+        config.insecure |= self.insecure;
         Ok(config)
     }
 }
@@ -106,12 +188,51 @@ pub(crate) fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// Raises the soft limit on open files to the hard limit: each connection
+/// is a descriptor, and the common default of 1,024 would cap the server
+/// far below its `max_connections`.
+fn raise_open_files_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit and setrlimit only read and write `limit`.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    }
+}
+
+/// Makes every file the process creates from now on its user's alone
+/// (umask 0077): the store's later files (snapshots, blobs) hold payloads.
+/// Not for `muster dev`, whose shell agent's commands would inherit it;
+/// its data directory is 0700 all the same.
+fn owner_only_files() {
+    #[cfg(unix)]
+    // SAFETY: umask only replaces the process's file mode creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 /// `muster serve`: the control plane until a signal.
-pub(crate) async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = args.load("muster-data")?;
+pub(crate) async fn serve(args: &ServeArgs, tls_files: TlsFiles) -> anyhow::Result<()> {
+    let config = args.load("muster-data", tls_files)?;
+    raise_open_files_limit();
+    owner_only_files();
+    let (tls, auth, data_dir) = (config.tls.is_some(), config.auth_enabled(), config.data_dir.clone());
     let shutdown = shutdown_on_signals();
     let server = muster_server::start(config, shutdown).await?;
-    println!("muster serving gRPC on {} and HTTP on {}", server.grpc_addr(), server.http_addr());
+    say!("muster serving gRPC on {} and HTTP on {}", server.grpc_addr(), server.http_addr());
+    if tls || auth {
+        say!("  tls {}, authentication {}", if tls { "on" } else { "off" }, if auth { "on" } else { "off" });
+    }
+    let token_file = data_dir.join(muster_server::ADMIN_TOKEN_FILE);
+    if auth && token_file.exists() {
+        say!("  the bootstrap admin token is in {}", token_file.display());
+    }
     server.wait().await?;
     Ok(())
 }
@@ -119,7 +240,8 @@ pub(crate) async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 /// `muster dev`: the server with a local data directory plus the shell
 /// agent and the HTTP agent (loopback only), in one process.
 pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()> {
-    let config = args.load(".muster/dev")?;
+    // Plaintext on loopback, without authentication: a development box.
+    let config = args.load_dev()?;
     let data_dir = config.data_dir.clone();
     let shutdown = shutdown_on_signals();
     let server = muster_server::start(config, shutdown.clone()).await?;
@@ -145,16 +267,17 @@ pub(crate) async fn dev(args: &ServeArgs, agent_slots: u32) -> anyhow::Result<()
     let http_task = tokio::spawn(http_agent.run_until(shutdown.child_token()));
 
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "muster".into());
-    println!("Muster is running (Ctrl-C to stop).");
-    println!("  gRPC    {endpoint}");
-    println!("  HTTP    http://{}/healthz", server.http_addr());
-    println!("  metrics http://{}/metrics (agents: http://{}/sd/agents)", server.http_addr(), server.http_addr());
-    println!("  data    {}", data_dir.display());
-    println!("  agents  dev-shell: capability shell, {agent_slots} slots");
-    println!("          dev-http: capability http, loopback hosts only");
-    println!();
-    println!("Try, from another terminal:");
-    println!("  {exe} --server {endpoint} task submit shell --payload '{{\"argv\":[\"echo\",\"hello\"]}}' --wait");
+    say!("Muster is running (Ctrl-C to stop).");
+    say!("  gRPC    {endpoint}");
+    say!("  HTTP    http://{}/healthz", server.http_addr());
+    say!("  metrics http://{}/metrics (agents: http://{}/sd/agents)", server.http_addr(), server.http_addr());
+    say!("  data    {}", data_dir.display());
+    say!("  access  plaintext, no authentication, this machine only");
+    say!("  agents  dev-shell: capability shell, {agent_slots} slots");
+    say!("          dev-http: capability http, loopback hosts only");
+    say!();
+    say!("Try, from another terminal:");
+    say!("  {exe} --server {endpoint} task submit shell --payload '{{\"argv\":[\"echo\",\"hello\"]}}' --wait");
     server.wait().await?;
     match agent_task.await {
         Ok(result) => result?,
@@ -181,7 +304,44 @@ mod tests {
 
     fn load(args: &[&str]) -> anyhow::Result<ServerConfig> {
         let cli = Cli::try_parse_from(std::iter::once("muster").chain(args.iter().copied()))?;
-        cli.serve.load("default-dir")
+        cli.serve.load("default-dir", (None, None))
+    }
+
+    fn load_dev(args: &[&str]) -> anyhow::Result<ServerConfig> {
+        let cli = Cli::try_parse_from(std::iter::once("muster").chain(args.iter().copied()))?;
+        cli.serve.load_dev()
+    }
+
+    #[test]
+    fn dev_is_plaintext_and_open_on_loopback_whatever_the_file_and_flags_say() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let secured = dir.path().join("secured.toml");
+        std::fs::write(
+            &secured,
+            "[tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\n[auth]\nenabled = true\n\n\
+             [[auth.client_certs]]\ncommon_name = \"render-07\"\nrole = \"agent\"\n",
+        )?;
+        let secured = secured.display().to_string();
+        assert!(load(&["--config", &secured])?.tls.is_some(), "serve keeps the file's TLS");
+        let config = load_dev(&["--config", &secured])?;
+        assert!(config.tls.is_none(), "dev drops the file's TLS");
+        assert!(!config.auth_enabled() && config.auth.client_certs.is_empty(), "dev drops authentication");
+        assert!(load_dev(&["--listen", "127.0.0.1:0", "--http-listen", "[::1]:0"]).is_ok());
+
+        let exposed = dir.path().join("exposed.toml");
+        std::fs::write(&exposed, "listen = \"0.0.0.0:7070\"\ninsecure = true\n")?;
+        let exposed = exposed.display().to_string();
+        for args in [
+            vec!["--config", exposed.as_str()],
+            vec!["--http-listen", "0.0.0.0:7071"],
+            vec!["--listen", "0.0.0.0:7070", "--insecure"],
+            vec!["--auth"],
+            vec!["--insecure"],
+        ] {
+            let err = load_dev(&args).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("loopback"), "{args:?}: {err:?}");
+        }
+        Ok(())
     }
 
     #[test]
@@ -217,6 +377,19 @@ mod tests {
         let path = path.display().to_string();
         assert!(load(&["--config", &path]).is_err(), "a misspelt setting is an error, not ignored");
         assert!(load(&["--durability", "fast"]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_session_queue_limit_is_set_in_the_file_and_must_hold_something() -> anyhow::Result<()> {
+        assert_eq!(load(&[])?.limits.max_session_queue, 4096, "a safe default");
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("muster.toml");
+        std::fs::write(&path, "[limits]\nmax_session_queue = 64\n")?;
+        assert_eq!(load(&["--config", &path.display().to_string()])?.limits.max_session_queue, 64);
+        std::fs::write(&path, "[limits]\nmax_session_queue = 0\n")?;
+        let err = load(&["--config", &path.display().to_string()]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("limits.max_session_queue: must be greater than zero"), "{err}");
         Ok(())
     }
 }

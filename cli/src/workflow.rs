@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use futures::StreamExt;
-use muster_sdk::{Client, NewTask, proto};
+use muster_sdk::{Client, EventKind, Explanation, NewTask, QueueInfo, TaskState, Workflow, proto};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -162,23 +162,21 @@ fn task_spec(entry: TaskEntry) -> anyhow::Result<proto::TaskSpec> {
     Ok(task.build())
 }
 
-fn state_name(value: i32) -> &'static str {
-    proto::TaskState::try_from(value).unwrap_or_default().short_name()
-}
+use crate::output::state_name;
 
-fn summary(states: &HashMap<String, i32>) -> (String, bool, bool) {
+fn summary(states: &HashMap<String, TaskState>) -> (String, bool, bool) {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for state in states.values() {
         *counts.entry(state_name(*state)).or_default() += 1;
     }
-    let finished = states.values().filter(|s| proto::TaskState::try_from(**s).is_ok_and(|s| s.is_terminal())).count();
-    let all_succeeded = states.values().all(|s| *s == proto::TaskState::Succeeded as i32);
+    let finished = states.values().filter(|s| s.is_terminal()).count();
+    let all_succeeded = states.values().all(|s| *s == TaskState::Succeeded);
     let percent = if states.is_empty() { 0.0 } else { finished as f64 * 100.0 / states.len() as f64 };
     let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
     (format!("{} | {percent:.0}% complete", parts.join("  ")), finished == states.len(), all_succeeded)
 }
 
-fn workflow_json(w: &proto::Workflow) -> Value {
+fn workflow_json(w: &Workflow) -> Value {
     json!({
         "id": w.id,
         "counts": w.counts,
@@ -195,12 +193,12 @@ fn workflow_json(w: &proto::Workflow) -> Value {
     })
 }
 
-fn print_workflow(out: &Output, w: &proto::Workflow) {
+fn print_workflow(out: &Output, w: &Workflow) {
     if out.is_json() {
         println!("{}", workflow_json(w));
         return;
     }
-    let states: HashMap<String, i32> = w.tasks.iter().map(|t| (t.id.clone(), t.state)).collect();
+    let states: HashMap<String, TaskState> = w.tasks.iter().map(|t| (t.id.clone(), t.state)).collect();
     println!("workflow {}: {}", w.id, summary(&states).0);
     let rows = w
         .tasks
@@ -218,7 +216,7 @@ async fn follow(client: &Client, id: &str, out: &Output) -> anyhow::Result<bool>
         client.watch(proto::WatchTasksRequest { workflow_id: id.to_owned(), ..Default::default() }).await?;
     let workflow = client.get_workflow(id).await?;
     let keys: HashMap<String, String> = workflow.tasks.iter().map(|t| (t.id.clone(), t.key.clone())).collect();
-    let mut states: HashMap<String, i32> = workflow.tasks.iter().map(|t| (t.id.clone(), t.state)).collect();
+    let mut states: HashMap<String, TaskState> = workflow.tasks.iter().map(|t| (t.id.clone(), t.state)).collect();
     let (line, done, ok) = summary(&states);
     if !out.is_json() {
         println!("{line}");
@@ -228,7 +226,7 @@ async fn follow(client: &Client, id: &str, out: &Output) -> anyhow::Result<bool>
     }
     while let Some(event) = events.next().await {
         let event = event?;
-        if event.kind() != proto::EventKind::State {
+        if event.kind != EventKind::State {
             continue;
         }
         states.insert(event.task_id.clone(), event.state);
@@ -259,7 +257,7 @@ pub(crate) async fn workflow(client: &Client, command: WorkflowCommand, out: &Ou
                 let tasks: Vec<Value> = response
                     .tasks
                     .iter()
-                    .map(|t| json!({"key": t.spec.as_ref().map(|s| s.key.clone()), "id": t.id, "state": state_name(t.state)}))
+                    .map(|t| json!({"key": t.spec.key, "id": t.id, "state": state_name(t.state)}))
                     .collect();
                 println!("{}", json!({"workflow_id": id, "tasks": tasks}));
             } else if !out.is_json() {
@@ -285,12 +283,7 @@ pub(crate) async fn workflow(client: &Client, command: WorkflowCommand, out: &Ou
 pub(crate) async fn explain(client: &Client, id: &str, out: &Output) -> anyhow::Result<()> {
     let e = client.explain(id).await?;
     if out.is_json() {
-        let reasons: Vec<Value> = e
-            .reasons
-            .iter()
-            .map(|r| json!({"code": r.code, "message": r.message, "task_ids": r.task_ids, "agents": r.agents}))
-            .collect();
-        println!("{}", json!({"task_id": e.task_id, "state": state_name(e.state), "reasons": reasons}));
+        println!("{}", explanation_json(&e));
         return Ok(());
     }
     println!("task {} is {}", e.task_id, state_name(e.state));
@@ -303,7 +296,16 @@ pub(crate) async fn explain(client: &Client, id: &str, out: &Output) -> anyhow::
     Ok(())
 }
 
-fn queue_json(q: &proto::Queue) -> Value {
+fn explanation_json(e: &Explanation) -> Value {
+    let reasons: Vec<Value> = e
+        .reasons
+        .iter()
+        .map(|r| json!({"code": r.code, "message": r.message, "task_ids": r.task_ids, "agents": r.agents}))
+        .collect();
+    json!({"task_id": e.task_id, "state": state_name(e.state), "reasons": reasons})
+}
+
+fn queue_json(q: &QueueInfo) -> Value {
     json!({
         "name": q.name,
         "paused": q.paused,
@@ -311,11 +313,11 @@ fn queue_json(q: &proto::Queue) -> Value {
         "max_running": q.max_running,
         "running": q.running,
         "depth": q.depth,
-        "oldest_queued_age_seconds": q.oldest_queued_age_seconds,
+        "oldest_queued_age_seconds": q.oldest_queued_age.as_secs_f64(),
     })
 }
 
-fn print_queues(out: &Output, queues: &[proto::Queue]) {
+fn print_queues(out: &Output, queues: &[QueueInfo]) {
     if out.is_json() {
         println!("{}", Value::Array(queues.iter().map(queue_json).collect()));
         return;
@@ -332,7 +334,7 @@ fn print_queues(out: &Output, queues: &[proto::Queue]) {
                 q.running.to_string(),
                 depth("QUEUED"),
                 depth("PENDING"),
-                format!("{:.1}s", q.oldest_queued_age_seconds),
+                format!("{:.1}s", q.oldest_queued_age.as_secs_f64()),
             ]
         })
         .collect();
@@ -354,6 +356,79 @@ pub(crate) async fn queue(client: &Client, command: QueueCommand, out: &Output) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workflows_queues_and_explanations_print_every_field_by_its_name() {
+        let wire = proto::Workflow {
+            id: "w1".into(),
+            tasks: vec![proto::WorkflowTask {
+                id: "t1".into(),
+                key: "build".into(),
+                state: proto::TaskState::Running.into(),
+                capability: "shell".into(),
+                depends_on_ids: vec!["t0".into()],
+                attempt: 1,
+            }],
+            counts: [("RUNNING".to_owned(), 1), ("QUEUED".to_owned(), 2)].into(),
+            percent_complete: 12.5,
+            done: false,
+        };
+        let expected = json!({
+            "id": "w1",
+            "counts": {"QUEUED": 2, "RUNNING": 1},
+            "percent_complete": 12.5,
+            "done": false,
+            "tasks": [{"key": "build", "id": "t1", "state": "RUNNING", "capability": "shell", "attempt": 1, "depends_on_ids": ["t0"]}],
+        });
+        assert_eq!(workflow_json(&Workflow::from(wire)), expected);
+
+        let wire = proto::Queue {
+            name: "q".into(),
+            paused: true,
+            weight: 3,
+            max_running: 0,
+            depth: [("QUEUED".to_owned(), 4)].into(),
+            running: 2,
+            oldest_queued_age_seconds: 1.25,
+        };
+        let expected = json!({
+            "name": "q",
+            "paused": true,
+            "weight": 3,
+            "max_running": 0,
+            "running": 2,
+            "depth": {"QUEUED": 4},
+            "oldest_queued_age_seconds": 1.25,
+        });
+        assert_eq!(queue_json(&QueueInfo::from(wire)), expected);
+
+        let wire = proto::Explanation {
+            task_id: "t1".into(),
+            state: proto::TaskState::Queued.into(),
+            reasons: vec![proto::Reason {
+                code: "lock_held".into(),
+                message: "m".into(),
+                task_ids: vec!["t2".into()],
+                until: None,
+                agents: vec!["a1".into()],
+            }],
+        };
+        let expected = json!({
+            "task_id": "t1",
+            "state": "QUEUED",
+            "reasons": [{"code": "lock_held", "message": "m", "task_ids": ["t2"], "agents": ["a1"]}],
+        });
+        assert_eq!(explanation_json(&Explanation::from(wire)), expected);
+    }
+
+    #[test]
+    fn summaries_count_states_and_finish_when_all_are_terminal() {
+        let states: HashMap<String, TaskState> =
+            [("a".to_owned(), TaskState::Succeeded), ("b".to_owned(), TaskState::Unknown(0))].into();
+        assert_eq!(summary(&states), ("SUCCEEDED 1  UNSPECIFIED 1 | 50% complete".to_owned(), false, false));
+        let states: HashMap<String, TaskState> = [("a".to_owned(), TaskState::Succeeded)].into();
+        assert_eq!(summary(&states), ("SUCCEEDED 1 | 100% complete".to_owned(), true, true));
+    }
 
     #[test]
     fn the_shipped_pipeline_example_parses_into_a_graph() -> anyhow::Result<()> {

@@ -141,3 +141,108 @@ async fn the_pipeline_example_runs_through_the_workflow_and_queue_commands() -> 
     }
     Ok(())
 }
+
+/// `muster` with a bearer token, as an operator runs it.
+fn muster_as(endpoint: &str, token: &str, args: &[&str]) -> std::process::Output {
+    Command::new(muster_bin())
+        .args(["--server", endpoint, "--token", token])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run muster")
+}
+
+#[test]
+fn token_create_list_and_revoke_from_the_cli_scope_and_then_refuse_the_secret() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (_server, endpoint) = spawn_serve_process(dir.path(), &["--auth"]);
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_owned();
+
+    let out = muster_as(
+        &endpoint,
+        &admin,
+        &[
+            "token",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "submitter",
+            "--queue",
+            "builds",
+            "--expires",
+            "30d",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!((created["name"].as_str(), created["role"].as_str()), (Some("ci"), Some("submitter")));
+    assert_eq!(created["queues"], serde_json::json!(["builds"]));
+    assert!(!created["expires_at"].is_null(), "{created}");
+    let secret = created["secret"].as_str().ok_or("a secret, shown once")?.to_owned();
+
+    // Listed without its secret.
+    let out = muster_as(&endpoint, &admin, &["token", "list", "--output", "json"]);
+    assert!(out.status.success());
+    let listed = String::from_utf8(out.stdout)?;
+    assert!(listed.contains("\"ci\"") && !listed.contains(&secret), "{listed}");
+
+    // The token submits to its queue only, and cannot manage tokens.
+    let submit = |queue: &str| {
+        muster_as(
+            &endpoint,
+            &secret,
+            &["task", "submit", "shell", "--queue", queue, "--payload", r#"{"argv":["true"]}"#],
+        )
+    };
+    assert!(submit("builds").status.success());
+    let refused = submit("other");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).to_lowercase().contains("permission"), "{refused:?}");
+    let out = muster_as(&endpoint, &secret, &["token", "list"]);
+    assert!(!out.status.success(), "a submitter cannot list tokens");
+
+    // Revoked, the secret is refused at once.
+    let out = muster_as(&endpoint, &admin, &["token", "revoke", "ci", "--output", "json"]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let revoked: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(!revoked["revoked_at"].is_null(), "{revoked}");
+    let after = submit("builds");
+    assert!(!after.status.success());
+    assert!(String::from_utf8_lossy(&after.stderr).contains("revoked"), "{after:?}");
+    Ok(())
+}
+
+#[test]
+fn muster_serve_keeps_serving_when_nobody_reads_its_banner() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut child = Command::new(muster_bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--http-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    // The reader goes away before the banner is written.
+    drop(child.stdout.take());
+    let server = Process { child };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = muster(&endpoint, &["queue", "list"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the server never answered: {out:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Its whole banner has been written (or failed to be) by now.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut server = server;
+    assert!(server.child.try_wait()?.is_none(), "muster serve exited");
+    assert!(muster(&endpoint, &["queue", "list"]).status.success());
+    Ok(())
+}

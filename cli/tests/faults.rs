@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use muster_sdk::{Client, NewTask, Output, proto};
+use muster_sdk::{Client, NewTask, Output, TaskState, proto};
 use tokio::sync::Mutex;
 
 fn shell_payload(script: &str) -> Vec<u8> {
@@ -30,7 +30,7 @@ async fn an_agent_killed_mid_task_hands_the_task_to_another_agent() -> TestResul
     let mut first = spawn_shell_agent_process(&server.endpoint, "doomed");
     wait_for_agents(&client, "shell", 1).await;
     let task = client.submit(NewTask::new("shell").payload(shell_payload(&script)).build()).await?;
-    wait_for_state(&client, &task.id, proto::TaskState::Running).await;
+    wait_for_state(&client, &task.id, TaskState::Running).await;
     eventually(Duration::from_secs(5), "the first attempt to start", || async { pid_file.exists() }).await;
 
     first.kill9();
@@ -43,7 +43,7 @@ async fn an_agent_killed_mid_task_hands_the_task_to_another_agent() -> TestResul
         // SAFETY: kill(2) with a pid read from the file our script wrote.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    assert_eq!(done.state(), proto::TaskState::Succeeded);
+    assert_eq!(done.state, TaskState::Succeeded);
     assert_eq!(done.attempt, 2);
     assert_eq!(done.attempts[0].failure.as_ref().map(|f| f.reason.as_str()), Some("agent_lost"));
     assert_eq!(done.attempts[1].agent_name, "survivor");
@@ -59,11 +59,11 @@ async fn sigterm_drains_an_agent_letting_its_running_task_finish() -> TestResult
     let mut agent = spawn_shell_agent_process(&server.endpoint, "draining");
     wait_for_agents(&client, "shell", 1).await;
     let task = client.submit(NewTask::new("shell").payload(shell_payload("sleep 1; echo finished")).build()).await?;
-    wait_for_state(&client, &task.id, proto::TaskState::Running).await;
+    wait_for_state(&client, &task.id, TaskState::Running).await;
     // SAFETY: kill(2) on the child we spawned.
     unsafe { libc::kill(agent.pid(), libc::SIGTERM) };
     let done = client.wait(&task.id).await?;
-    assert_eq!(done.state(), proto::TaskState::Succeeded, "running work finishes during a drain");
+    assert_eq!(done.state, TaskState::Succeeded, "running work finishes during a drain");
     let status = tokio::task::spawn_blocking(move || agent.child.wait()).await??;
     assert!(status.success(), "the drained agent exits cleanly: {status:?}");
     Ok(())
@@ -82,12 +82,12 @@ async fn a_server_killed_with_sigkill_under_load_loses_nothing_it_acknowledged()
     // Every SUCCEEDED the watch reports was durable when it was published.
     let succeeded = Arc::new(Mutex::new(HashSet::new()));
     let mut events = client
-        .watch(proto::WatchTasksRequest { states: vec![proto::TaskState::Succeeded as i32], ..Default::default() })
+        .watch(proto::WatchTasksRequest { states: vec![i32::from(TaskState::Succeeded)], ..Default::default() })
         .await?;
     let seen = succeeded.clone();
     let watcher = tokio::spawn(async move {
         while let Some(Ok(event)) = events.next().await {
-            if event.state() == proto::TaskState::Succeeded {
+            if event.state == TaskState::Succeeded {
                 seen.lock().await.insert(event.task_id);
             }
         }
@@ -127,7 +127,7 @@ async fn a_server_killed_with_sigkill_under_load_loses_nothing_it_acknowledged()
     for id in &acknowledged {
         let task = client.get(id).await.map_err(|e| format!("acknowledged task {id} was lost: {e}"))?;
         if succeeded.contains(id) {
-            assert_eq!(task.state(), proto::TaskState::Succeeded, "task {id} lost its acknowledged result");
+            assert_eq!(task.state, TaskState::Succeeded, "task {id} lost its acknowledged result");
         }
     }
     println!("{} acknowledged submits and {} results survived kill -9", acknowledged.len(), succeeded.len());

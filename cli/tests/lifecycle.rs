@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use muster_sdk::{NewTask, Output, TaskError, proto};
+use muster_sdk::{AgentState, EventKind, NewTask, Output, TaskError, TaskState, proto};
 use tokio::sync::{Mutex, Notify};
 
 #[tokio::test]
@@ -22,7 +22,7 @@ async fn a_task_runs_on_an_sdk_agent_and_its_output_and_events_come_back() -> Te
     });
     let task = client.submit(NewTask::new("echo").payload(b"hello".to_vec()).build()).await?;
     let done = client.wait(&task.id).await?;
-    assert_eq!(done.state(), proto::TaskState::Succeeded);
+    assert_eq!(done.state, TaskState::Succeeded);
     assert_eq!(done.output, b"hello");
     assert_eq!(done.attempt, 1);
 
@@ -32,14 +32,14 @@ async fn a_task_runs_on_an_sdk_agent_and_its_output_and_events_come_back() -> Te
     let mut states = Vec::new();
     while let Some(event) = events.next().await {
         let event = event?;
-        if event.kind() == proto::EventKind::State {
-            states.push(event.state());
+        if event.kind == EventKind::State {
+            states.push(event.state);
         }
-        if event.state() == proto::TaskState::Succeeded {
+        if event.state == TaskState::Succeeded {
             break;
         }
     }
-    use proto::TaskState::*;
+    use TaskState::*;
     assert_eq!(states, vec![Queued, Assigned, Running, Succeeded]);
     stop.cancel();
     agent.await??;
@@ -99,7 +99,7 @@ async fn selectors_send_tasks_only_to_agents_with_matching_labels() -> TestResul
     }
     let unmatched = client.submit(NewTask::new("render").selector("gpu", "tpu").build()).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(client.get(&unmatched.id).await?.state(), proto::TaskState::Queued);
+    assert_eq!(client.get(&unmatched.id).await?.state, TaskState::Queued);
     stop_cpu.cancel();
     stop_gpu.cancel();
     cpu.await??;
@@ -129,17 +129,17 @@ async fn cancelling_a_running_task_fires_the_handlers_token() -> TestResult {
     });
     let task = client.submit(NewTask::new("slow").build()).await?;
     started.notified().await;
-    wait_for_state(&client, &task.id, proto::TaskState::Running).await;
+    wait_for_state(&client, &task.id, TaskState::Running).await;
     let requested = client.cancel(&task.id, "operator asked").await?;
     assert!(requested.cancel_requested);
     let done = client.wait(&task.id).await?;
-    assert_eq!(done.state(), proto::TaskState::Cancelled);
+    assert_eq!(done.state, TaskState::Cancelled);
     assert!(saw_cancel.load(Ordering::SeqCst), "the handler saw the cancellation");
     assert_eq!(done.failure.map(|f| f.message), Some("operator asked".to_owned()));
 
     let queued = client.submit(NewTask::new("nobody-has-this").build()).await?;
     let cancelled = client.cancel(&queued.id, "").await?;
-    assert_eq!(cancelled.state(), proto::TaskState::Cancelled, "a queued task is cancelled at once");
+    assert_eq!(cancelled.state, TaskState::Cancelled, "a queued task is cancelled at once");
     stop.cancel();
     agent.await??;
     Ok(())
@@ -163,21 +163,21 @@ async fn an_agent_that_reconnects_within_the_lease_keeps_its_task_and_runs_it_on
         }
     });
     let task = client.submit(NewTask::new("work").build()).await?;
-    wait_for_state(&client, &task.id, proto::TaskState::Running).await;
+    wait_for_state(&client, &task.id, TaskState::Running).await;
     let agent_id = client.list_agents("work").await?[0].id.clone();
 
     proxy.cut();
     eventually(Duration::from_secs(5), "the server to see the break", || async {
-        client.get_agent(&agent_id).await.map(|a| a.state() == proto::AgentState::Disconnected).unwrap_or(false)
+        client.get_agent(&agent_id).await.map(|a| a.state == AgentState::Disconnected).unwrap_or(false)
     })
     .await;
     eventually(Duration::from_secs(5), "the agent to resume", || async {
-        client.get_agent(&agent_id).await.map(|a| a.state() == proto::AgentState::Connected).unwrap_or(false)
+        client.get_agent(&agent_id).await.map(|a| a.state == AgentState::Connected).unwrap_or(false)
     })
     .await;
     release.notify_one();
     let done = client.wait(&task.id).await?;
-    assert_eq!(done.state(), proto::TaskState::Succeeded);
+    assert_eq!(done.state, TaskState::Succeeded);
     assert_eq!(done.attempt, 1, "the same attempt completed");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "no second execution");
     stop.cancel();
@@ -202,7 +202,7 @@ async fn an_agent_cut_off_for_the_lease_fences_itself_and_the_task_moves_on() ->
         }
     });
     let task = client.submit(NewTask::new("work").build()).await?;
-    wait_for_state(&client, &task.id, proto::TaskState::Running).await;
+    wait_for_state(&client, &task.id, TaskState::Running).await;
     proxy.pause();
     proxy.cut();
     eventually(Duration::from_secs(10), "the isolated handler to be cancelled", || async {
@@ -211,7 +211,7 @@ async fn an_agent_cut_off_for_the_lease_fences_itself_and_the_task_moves_on() ->
     .await;
     let (stop_b, b) = spawn_agent(&server.endpoint, "healthy", "work", &[], 1, |_| async { Ok(Output::from("b")) });
     let done = client.wait(&task.id).await?;
-    assert_eq!(done.state(), proto::TaskState::Succeeded);
+    assert_eq!(done.state, TaskState::Succeeded);
     assert_eq!(done.output, b"b");
     assert_eq!(done.attempts[0].failure.as_ref().map(|f| f.reason.as_str()), Some("agent_lost"));
     stop_a.cancel();
@@ -266,21 +266,21 @@ async fn idempotency_keys_retry_and_drain_work_over_grpc() -> TestResult {
         async move { if n == 0 { Err(TaskError::retryable("first try fails")) } else { Ok(Output::from("ok")) } }
     });
     let failed = client.wait(&first.id).await?;
-    assert_eq!(failed.state(), proto::TaskState::Failed, "one attempt allowed");
+    assert_eq!(failed.state, TaskState::Failed, "one attempt allowed");
     let retried = client.retry(&first.id).await?;
-    assert_eq!(retried.state(), proto::TaskState::Queued);
+    assert_eq!(retried.state, TaskState::Queued);
     let done = client.wait(&first.id).await?;
-    assert_eq!((done.state(), done.attempt), (proto::TaskState::Succeeded, 2));
+    assert_eq!((done.state, done.attempt), (TaskState::Succeeded, 2));
 
     wait_for_agents(&client, "flaky", 1).await;
     let agent_id = client.list_agents("flaky").await?[0].id.clone();
     let drained = client.drain_agent(&agent_id).await?;
-    assert_eq!(drained.state(), proto::AgentState::Draining);
+    assert_eq!(drained.state, AgentState::Draining);
     let held = client.submit(NewTask::new("flaky").build()).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(client.get(&held.id).await?.state(), proto::TaskState::Queued, "a drained agent takes no work");
+    assert_eq!(client.get(&held.id).await?.state, TaskState::Queued, "a drained agent takes no work");
     client.resume_agent(&agent_id).await?;
-    assert_eq!(client.wait(&held.id).await?.state(), proto::TaskState::Succeeded);
+    assert_eq!(client.wait(&held.id).await?.state, TaskState::Succeeded);
     stop.cancel();
     agent.await??;
     Ok(())
@@ -293,9 +293,9 @@ async fn a_delayed_task_waits_for_not_before() -> TestResult {
     let (stop, agent) = spawn_agent(&server.endpoint, "later", "later", &[], 1, |_| async { Ok(Output::empty()) });
     let at = std::time::SystemTime::now() + Duration::from_millis(800);
     let task = client.submit(NewTask::new("later").not_before(at).build()).await?;
-    assert_eq!(task.state(), proto::TaskState::Pending);
+    assert_eq!(task.state, TaskState::Pending);
     let done = client.wait(&task.id).await?;
-    assert_eq!(done.state(), proto::TaskState::Succeeded);
+    assert_eq!(done.state, TaskState::Succeeded);
     assert!(std::time::SystemTime::now() >= at);
     stop.cancel();
     agent.await??;
@@ -310,7 +310,7 @@ async fn relaxed_durability_serves_the_same_lifecycle() -> TestResult {
     let specs = (0..50).map(|_| NewTask::new("fast").build()).collect();
     let submitted = client.submit_many(specs).await?;
     for task in &submitted.tasks {
-        assert_eq!(client.wait(&task.id).await?.state(), proto::TaskState::Succeeded);
+        assert_eq!(client.wait(&task.id).await?.state, TaskState::Succeeded);
     }
     stop.cancel();
     agent.await??;

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use muster_sdk::{Error, NewTask, Output, proto};
+use muster_sdk::{Error, NewTask, Output, TaskState, proto};
 use tonic::Code;
 
 fn status_of(result: Result<impl std::fmt::Debug, Error>) -> tonic::Status {
@@ -59,8 +59,8 @@ async fn every_submit_limit_is_answered_with_a_clear_error() -> TestResult {
         (
             "timeout over the limit",
             NewTask::new("shell").timeout(Duration::from_secs(8 * 24 * 3600)).build(),
-            Code::ResourceExhausted,
-            "max_timeout",
+            Code::InvalidArgument,
+            "tasks[0].timeout: must be at most 7d (max_timeout)",
         ),
         ("too many attempts", NewTask::new("shell").max_attempts(101).build(), Code::ResourceExhausted, "max_attempts"),
         (
@@ -98,8 +98,9 @@ async fn every_submit_limit_is_answered_with_a_clear_error() -> TestResult {
     assert!(listing.tasks.is_empty(), "nothing was half-written");
 
     let huge = NewTask::new("shell").payload(vec![0u8; 100 * 1024]).build();
-    let code = status_of(client.submit(huge).await).code();
-    assert!(matches!(code, Code::ResourceExhausted | Code::OutOfRange), "message over max_message_bytes: {code:?}");
+    let status = status_of(client.submit(huge).await);
+    assert_eq!(status.code(), Code::ResourceExhausted, "message over max_message_bytes: {status:?}");
+    assert!(status.message().contains("max_message_bytes (65536 bytes)"), "{}", status.message());
 
     let status = status_of(client.get("not-an-id").await);
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -131,7 +132,8 @@ async fn malformed_and_hostile_agent_streams_close_only_their_own_session() -> T
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().contains("max_agent_slots"), "{}", status.message());
 
-    // A registered session that reports an attempt it never held is closed.
+    // A registered session that reports an attempt it was never given is
+    // rejected, changes nothing, and keeps its session.
     let (tx, response) = open_session(&server.endpoint, register("intruder", 1)).await;
     let mut inbound = response?;
     let registered = inbound.message().await?.ok_or("no registered message")?;
@@ -145,15 +147,19 @@ async fn malformed_and_hostile_agent_streams_close_only_their_own_session() -> T
         })),
     };
     tx.send(forged).await?;
-    let closed = loop {
-        match inbound.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => break None,
-            Err(status) => break Some(status),
+    let rejected = loop {
+        match inbound.message().await?.and_then(|m| m.msg) {
+            Some(proto::server_message::Msg::Rejected(rejected)) => break rejected,
+            Some(_) => continue,
+            None => return Err("the session ended instead of rejecting the report".into()),
         }
     };
-    assert_eq!(closed.map(|s| s.code()), Some(Code::FailedPrecondition));
-    assert_eq!(client.get(&victim.id).await?.state(), proto::TaskState::Queued, "the forgery changed nothing");
+    assert_eq!(rejected.attempt.map(|a| a.task_id), Some(victim.id.clone()));
+    assert_eq!(client.get(&victim.id).await?.state, TaskState::Queued, "the forgery changed nothing");
+    let heartbeat = proto::AgentMessage { msg: Some(proto::agent_message::Msg::Heartbeat(proto::Heartbeat {})) };
+    tx.send(heartbeat).await?;
+    let answer = inbound.message().await?.and_then(|m| m.msg);
+    assert!(matches!(answer, Some(proto::server_message::Msg::Heartbeat(_))), "the session is still open: {answer:?}");
 
     // A message with no variant is malformed.
     let (tx, response) = open_session(&server.endpoint, register("garbage", 1)).await;
@@ -171,7 +177,7 @@ async fn malformed_and_hostile_agent_streams_close_only_their_own_session() -> T
 
     // The well-behaved agent never noticed.
     let task = client.submit(NewTask::new("good").build()).await?;
-    assert_eq!(client.wait(&task.id).await?.state(), proto::TaskState::Succeeded);
+    assert_eq!(client.wait(&task.id).await?.state, TaskState::Succeeded);
     stop.cancel();
     agent.await??;
     Ok(())

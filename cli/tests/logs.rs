@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use muster_sdk::{Client, Error, NewTask, Output, TaskError, proto};
+use muster_sdk::{Client, Error, LogChunk, LogStream, NewTask, Output, TaskError, TaskState, proto};
 use serde_json::json;
 use tonic::Code;
 
 /// Every message of a (non-following or following) log read, until the
 /// server ends the stream.
-async fn read_logs(client: &Client, id: &str, attempt: u32, follow: bool) -> Result<Vec<proto::TaskLogs>, Error> {
+async fn read_logs(client: &Client, id: &str, attempt: u32, follow: bool) -> Result<Vec<LogChunk>, Error> {
     let mut stream = client.logs(id, attempt, follow).await?;
     let mut chunks = Vec::new();
     while let Some(chunk) =
@@ -29,7 +29,7 @@ async fn read_logs(client: &Client, id: &str, attempt: u32, follow: bool) -> Res
 }
 
 /// `(attempt, position, text)` of every line.
-fn lines_of(chunks: &[proto::TaskLogs]) -> Vec<(u32, u64, String)> {
+fn lines_of(chunks: &[LogChunk]) -> Vec<(u32, u64, String)> {
     chunks
         .iter()
         .flat_map(|c| {
@@ -74,21 +74,21 @@ async fn a_follower_sees_a_running_shell_tasks_lines_before_it_ends() -> TestRes
     let mut early = vec![next_line().await?.ok_or("follower ended")?, next_line().await?.ok_or("follower ended")?];
     early.sort();
     assert_eq!(early, ["first line", "to stderr"]);
-    assert_eq!(client.get(&task.id).await?.state(), proto::TaskState::Running, "the lines came while it ran");
+    assert_eq!(client.get(&task.id).await?.state, TaskState::Running, "the lines came while it ran");
 
     std::fs::write(&gate, b"")?;
     assert_eq!(next_line().await?.as_deref(), Some("last line"));
     assert_eq!(next_line().await?, None, "the follower ends with the task");
     assert!(follower.wait()?.success());
-    assert_eq!(client.get(&task.id).await?.state(), proto::TaskState::Succeeded);
+    assert_eq!(client.get(&task.id).await?.state, TaskState::Succeeded);
 
-    let streams: Vec<(String, i32)> = read_logs(&client, &task.id, 0, false)
+    let streams: Vec<(String, LogStream)> = read_logs(&client, &task.id, 0, false)
         .await?
         .iter()
         .flat_map(|c| c.lines.iter().map(|l| (l.text.clone(), l.stream)))
         .collect();
-    assert!(streams.contains(&("to stderr".to_owned(), proto::LogStream::Stderr as i32)), "{streams:?}");
-    assert!(streams.contains(&("last line".to_owned(), proto::LogStream::Stdout as i32)), "{streams:?}");
+    assert!(streams.contains(&("to stderr".to_owned(), LogStream::Stderr)), "{streams:?}");
+    assert!(streams.contains(&("last line".to_owned(), LogStream::Stdout)), "{streams:?}");
     Ok(())
 }
 
@@ -103,7 +103,7 @@ async fn the_tail_keeps_the_newest_lines_counts_the_rest_and_survives_a_restart(
         Ok(Output::empty())
     });
     let task = client.submit(NewTask::new("chatty").build()).await?;
-    assert_eq!(client.wait(&task.id).await?.state(), proto::TaskState::Succeeded);
+    assert_eq!(client.wait(&task.id).await?.state, TaskState::Succeeded);
 
     let chunks = read_logs(&client, &task.id, 0, false).await?;
     let lines = lines_of(&chunks);
@@ -143,7 +143,7 @@ async fn logs_follow_a_task_across_attempts_until_it_ends() -> TestResult {
     let spec = NewTask::new("flaky").max_attempts(2).backoff(Duration::from_millis(300), Duration::from_secs(1));
     let task = client.submit(spec.build()).await?;
     let chunks = read_logs(&client, &task.id, 0, true).await?;
-    assert_eq!(client.get(&task.id).await?.state(), proto::TaskState::Succeeded, "the follow ended with the task");
+    assert_eq!(client.get(&task.id).await?.state, TaskState::Succeeded, "the follow ended with the task");
     let lines: Vec<(u32, u64, String)> = lines_of(&chunks);
     assert_eq!(
         lines,
@@ -171,19 +171,21 @@ async fn logs_follow_a_task_across_attempts_until_it_ends() -> TestResult {
     // out its backoff.
     let waiting = NewTask::new("flaky").max_attempts(2).backoff(Duration::from_secs(600), Duration::from_secs(600));
     let waiting = client.submit(waiting.build()).await?;
-    wait_for_state(&client, &waiting.id, proto::TaskState::Pending).await;
+    wait_for_state(&client, &waiting.id, TaskState::Pending).await;
     let first = tokio::time::timeout(Duration::from_secs(10), read_logs(&client, &waiting.id, 1, true)).await??;
     assert_eq!(lines_of(&first), [(1, 1, "starting attempt 1".to_owned())]);
     client.cancel(&waiting.id, "test over").await?;
 
     let status = match client.logs("01ARZ3NDEKTSV4RRFFQ69G5FAV", 0, false).await {
         Err(Error::Status(status)) => status,
-        other => return Err(format!("expected NOT_FOUND, got {other:?}").into()),
+        Err(other) => return Err(format!("expected NOT_FOUND, got {other:?}").into()),
+        Ok(_) => return Err("expected NOT_FOUND, got a stream".into()),
     };
     assert_eq!(status.code(), Code::NotFound);
     let status = match client.logs("nope", 0, false).await {
         Err(Error::Status(status)) => status,
-        other => return Err(format!("expected INVALID_ARGUMENT, got {other:?}").into()),
+        Err(other) => return Err(format!("expected INVALID_ARGUMENT, got {other:?}").into()),
+        Ok(_) => return Err("expected INVALID_ARGUMENT, got a stream".into()),
     };
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("task_id"), "{}", status.message());
@@ -235,7 +237,7 @@ async fn lines_for_attempts_a_session_does_not_hold_are_ignored() -> TestResult 
     owner_tx.send(proto::AgentMessage { msg: Some(Msg::Complete(complete)) }).await?;
     // Lines after the result are past the attempt's end.
     owner_tx.send(log_message(&task.id, attempt.attempt, "too late")).await?;
-    wait_for_state(&client, &task.id, proto::TaskState::Succeeded).await;
+    wait_for_state(&client, &task.id, TaskState::Succeeded).await;
 
     let texts: Vec<String> = lines_of(&read_logs(&client, &task.id, 0, true).await?).into_iter().map(|l| l.2).collect();
     assert_eq!(texts, ["genuine"]);

@@ -4,6 +4,8 @@
 //! `monitoring/prometheus/prometheus.yml`; then every PromQL expression in
 //! the dashboards and rule files must parse and return data, `promtool`
 //! must accept both kinds of `/metrics`, and the rule unit tests must pass.
+//! A server with authentication is scraped from the shipped
+//! `prometheus-secure.yml` with a viewer token.
 //!
 //! Needs `prometheus` and `promtool` on PATH (Debian: `apt-get install
 //! prometheus`; `.ci/run` installs it). Missing tools fail the test.
@@ -19,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use muster_sdk::{Agent, NewTask, Output, TaskError, proto};
+use muster_sdk::{Agent, NewTask, Output, TaskError, TaskState, proto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn monitoring_dir() -> PathBuf {
@@ -104,6 +106,10 @@ fn dashboard_exprs(path: &Path) -> Vec<(String, String)> {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut exprs = Vec::new();
     for panel in json["panels"].as_array().unwrap() {
+        // A row only groups the panels after it.
+        if panel["type"] == "row" {
+            continue;
+        }
         for target in panel["targets"].as_array().unwrap() {
             let expr = target["expr"].as_str().unwrap();
             let expr = expr.replace("$__rate_interval", "1m").replace("$queue", ".*").replace("$agent", ".*");
@@ -111,6 +117,17 @@ fn dashboard_exprs(path: &Path) -> Vec<(String, String)> {
         }
     }
     exprs
+}
+
+/// The `.yml` files of `dir`, sorted.
+fn yml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yml"))
+        .collect();
+    files.sort();
+    files
 }
 
 /// An alert's expression without its final threshold comparison, so its
@@ -174,10 +191,10 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The shipped prometheus.yml pointed at `server_http`, scraping every
-/// second, with absolute rule paths.
-fn write_prometheus_config(dir: &Path, server_http: SocketAddr) -> PathBuf {
-    let shipped = std::fs::read_to_string(monitoring_dir().join("prometheus/prometheus.yml")).unwrap();
+/// The shipped `file` (prometheus.yml or prometheus-secure.yml) pointed at
+/// `server_http`, scraping every second, with absolute rule paths.
+fn write_prometheus_config(dir: &Path, file: &str, server_http: SocketAddr) -> PathBuf {
+    let shipped = std::fs::read_to_string(monitoring_dir().join("prometheus").join(file)).unwrap();
     let rules = monitoring_dir().join("prometheus/rules").canonicalize().unwrap();
     let config = shipped
         .replace("127.0.0.1:7071", &server_http.to_string())
@@ -214,7 +231,7 @@ async fn prometheus_scrapes_server_and_agents_and_every_dashboard_and_rule_query
     wait_for_agents(&client, "shell", 1).await;
 
     let prom_dir = tempfile::tempdir()?;
-    let config = write_prometheus_config(prom_dir.path(), http);
+    let config = write_prometheus_config(prom_dir.path(), "prometheus.yml", http);
     let prometheus = format!("127.0.0.1:{}", free_port());
     let _prometheus_process = Process {
         child: Command::new("prometheus")
@@ -254,20 +271,16 @@ async fn prometheus_scrapes_server_and_agents_and_every_dashboard_and_rule_query
         .backoff(Duration::from_millis(10), Duration::from_millis(50))
         .build();
     let sleeper = client.submit(sleeper).await?.id;
-    wait_for_state(&client, &sleeper, proto::TaskState::Running).await;
+    wait_for_state(&client, &sleeper, TaskState::Running).await;
     doomed.kill9();
     let _survivor = spawn_shell_agent_process_with_metrics(&server.endpoint, "shell-survivor");
     for id in &ids {
         let task = client.wait(id).await?;
-        assert!(
-            matches!(task.state(), proto::TaskState::Succeeded | proto::TaskState::Failed),
-            "{id} ended {:?}",
-            task.state()
-        );
+        assert!(matches!(task.state, TaskState::Succeeded | TaskState::Failed), "{id} ended {:?}", task.state);
     }
     // The lost attempt is retried on the surviving agent.
     eventually(Duration::from_secs(20), "the lost attempt retried", || async {
-        client.get(&sleeper).await.is_ok_and(|t| t.state() == proto::TaskState::Running && t.attempt == 2)
+        client.get(&sleeper).await.is_ok_and(|t| t.state == TaskState::Running && t.attempt == 2)
     })
     .await;
 
@@ -280,6 +293,10 @@ async fn prometheus_scrapes_server_and_agents_and_every_dashboard_and_rule_query
             .contains("muster_grpc_requests_total{code=\"NOT_FOUND\",method=\"/muster.v1.TaskService/GetTask\"} 1"),
         "the gRPC layer counts the failed call by method and code: {server_metrics}"
     );
+    for family in ["muster_store_size_bytes ", "muster_store_disk_free_bytes ", "muster_store_records{kind=\"task\"} "]
+    {
+        assert!(server_metrics.contains(family), "the store gauges are measured at start: {server_metrics}");
+    }
     promtool_check_metrics(&server_metrics, "server");
     let (_, sd) = http_get(&http.to_string(), "/sd/agents").await?;
     let sd: serde_json::Value = serde_json::from_str(&sd)?;
@@ -322,8 +339,11 @@ async fn prometheus_scrapes_server_and_agents_and_every_dashboard_and_rule_query
             }
         }
     }
-    for file in ["muster-recording.yml", "muster-alerts.yml"] {
-        for (name, expr) in rule_exprs(&monitoring_dir().join("prometheus/rules").join(file)) {
+    let rule_files = yml_files(&monitoring_dir().join("prometheus/rules"));
+    assert!(rule_files.len() >= 2, "the recording and alert rules: {rule_files:?}");
+    for path in &rule_files {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        for (name, expr) in rule_exprs(path) {
             sources.push((format!("{file}: {name}"), expr, file.contains("alerts")));
         }
     }
@@ -349,9 +369,12 @@ async fn prometheus_scrapes_server_and_agents_and_every_dashboard_and_rule_query
     }
     assert!(failures.is_empty(), "{} of {checked} expressions failed:\n{}", failures.len(), failures.join("\n"));
 
-    // The rule unit tests pass.
+    // The rule unit tests pass, every file of them.
+    let tests = yml_files(&monitoring_dir().join("prometheus/tests"));
+    assert!(!tests.is_empty(), "no rule unit tests");
     let output = Command::new("promtool")
-        .args(["test", "rules", "muster-rules.test.yml"])
+        .args(["test", "rules"])
+        .args(&tests)
         .current_dir(monitoring_dir().join("prometheus/tests"))
         .output()
         .expect("promtool is not installed: apt-get install prometheus");
@@ -387,5 +410,80 @@ async fn state_gauges_describe_the_stored_backlog_after_a_restart() -> TestResul
     assert!(text.contains("muster_queue_backlog{capability=\"gpu\",queue=\"render\"} 3"), "{text}");
     assert!(text.contains("muster_tasks{state=\"queued\"} 3"), "{text}");
     restarted.shutdown().await?;
+    Ok(())
+}
+
+/// Points the shipped prometheus-secure.yml's `credentials_file` (for
+/// /metrics and /sd/agents) at `token_file`, as an operator would.
+fn with_token_file(config: &Path, token_file: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let shipped = "credentials_file: /etc/prometheus/muster.token";
+    assert_eq!(text.matches(shipped).count(), 2, "prometheus-secure.yml sends a token to /metrics and /sd/agents");
+    let mine = format!("credentials_file: {}", token_file.display());
+    std::fs::write(config, text.replace(shipped, &mine)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_a_server_with_auth_using_a_viewer_token() -> TestResult {
+    const ADMIN: &str = "muster_monitoring_admin_secret_0123456789abcdef";
+    let server = spawn_server_with(|config| {
+        config.auth.enabled = Some(true);
+        config.auth.bootstrap_token = Some(ADMIN.into());
+    })
+    .await;
+    let http = server.server.as_ref().unwrap().http_addr();
+    let admin =
+        muster_sdk::Client::connect_with(server.endpoint.clone(), &muster_sdk::Credentials::new().token(ADMIN)?)
+            .await?;
+    let request = proto::CreateTokenRequest {
+        name: "prometheus".into(),
+        role: proto::Role::Viewer as i32,
+        scope: None,
+        expires_in_seconds: 0,
+    };
+    let viewer = admin.create_token(request).await?.secret;
+    let agent_token = admin
+        .create_token(proto::CreateTokenRequest {
+            name: "echo-agent".into(),
+            role: proto::Role::Agent as i32,
+            scope: None,
+            expires_in_seconds: 0,
+        })
+        .await?
+        .secret;
+
+    let echo = Agent::builder("echo-1")
+        .server(server.endpoint.clone())
+        .credentials(muster_sdk::Credentials::new().token(&agent_token)?)
+        .metrics_listen("127.0.0.1:0".parse()?)
+        .handler("echo", |ctx| async move { Ok(Output::from(ctx.payload().to_vec())) })
+        .build()?;
+    let echo_stop = muster_sdk::CancellationToken::new();
+    tokio::spawn(echo.run_until(echo_stop.clone()));
+    wait_for_agents(&admin, "echo", 1).await;
+
+    let prom_dir = tempfile::tempdir()?;
+    let token_file = prom_dir.path().join("muster.token");
+    std::fs::write(&token_file, &viewer)?;
+    let config = write_prometheus_config(prom_dir.path(), "prometheus-secure.yml", http);
+    with_token_file(&config, &token_file);
+    let prometheus = format!("127.0.0.1:{}", free_port());
+    let _prometheus_process = Process {
+        child: Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", prom_dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={prometheus}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("prometheus is not installed: apt-get install prometheus"),
+    };
+    // The server target is up only if /metrics accepted the token, and the
+    // agent is found only if /sd/agents did.
+    wait_for_targets(&prometheus, 1).await;
+    let up = query(&prometheus, "up{job=\"muster-server\"}").await?;
+    assert_eq!(up[0]["value"][1], "1", "{up:?}");
+    echo_stop.cancel();
     Ok(())
 }

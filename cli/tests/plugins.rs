@@ -11,7 +11,7 @@ mod word_count;
 use std::time::Duration;
 
 use common::*;
-use muster_sdk::{CancellationToken, NewTask, proto};
+use muster_sdk::{CancellationToken, NewTask, TaskState};
 use muster_shell_agent::ShellAgentConfig;
 use serde_json::{Value, json};
 
@@ -39,13 +39,13 @@ async fn the_guide_example_agent_completes_a_task() -> TestResult {
     let spec = NewTask::new("word-count").json(&json!({"text": "one two\nthree", "pause_ms": 10}))?.build();
     let task = client.submit(spec).await?;
     let done = tokio::time::timeout(Duration::from_secs(20), client.wait(&task.id)).await??;
-    assert_eq!(done.state(), proto::TaskState::Succeeded, "{done:?}");
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
     let output: Value = serde_json::from_slice(&done.output)?;
     assert_eq!(output, json!({"lines": 2, "words": 3}));
 
     let bad = client.submit(NewTask::new("word-count").payload(b"not json".to_vec()).build()).await?;
     let bad = tokio::time::timeout(Duration::from_secs(20), client.wait(&bad.id)).await??;
-    assert_eq!(bad.state(), proto::TaskState::Failed);
+    assert_eq!(bad.state, TaskState::Failed);
     assert_eq!(bad.failure.map(|f| f.reason).as_deref(), Some("invalid_payload"));
     stop.cancel();
     running.await??;
@@ -64,7 +64,7 @@ async fn a_shell_task_past_its_timeout_is_stopped_and_recorded_as_timeout() -> T
         .build();
     let task = client.submit(spec).await?;
     let done = tokio::time::timeout(Duration::from_secs(20), client.wait(&task.id)).await??;
-    assert_eq!(done.state(), proto::TaskState::Failed, "{done:?}");
+    assert_eq!(done.state, TaskState::Failed, "{done:?}");
     let failure = done.failure.unwrap_or_default();
     assert_eq!(failure.reason, "timeout", "{failure:?}");
     stop.cancel();
@@ -78,10 +78,10 @@ async fn a_cancelled_shell_task_ignoring_sigterm_ends_cancelled() -> TestResult 
     let stop = spawn_shell(&server.endpoint, Duration::from_millis(200))?;
     let spec = NewTask::new("shell").json(&json!({"argv": ["sh", "-c", "trap '' TERM; sleep 60"]}))?.build();
     let task = client.submit(spec).await?;
-    wait_for_state(&client, &task.id, proto::TaskState::Running).await;
+    wait_for_state(&client, &task.id, TaskState::Running).await;
     client.cancel(&task.id, "test").await?;
     let done = tokio::time::timeout(Duration::from_secs(20), client.wait(&task.id)).await??;
-    assert_eq!(done.state(), proto::TaskState::Cancelled, "{done:?}");
+    assert_eq!(done.state, TaskState::Cancelled, "{done:?}");
     assert_eq!(done.failure.map(|f| f.reason).as_deref(), Some("cancelled"));
     stop.cancel();
     Ok(())

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use muster_sdk::{NewTask, proto};
+use muster_sdk::{NewTask, TaskState};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
@@ -129,7 +129,7 @@ async fn submit_scheduling_and_handler_spans_share_the_clients_trace_id_across_p
     let trace_id = span.context().span().span_context().trace_id().to_string();
     let spec = NewTask::new("shell").payload(r#"{"argv":["true"]}"#).build();
     let task = client.submit(spec).instrument(span).await?;
-    assert_eq!(client.wait(&task.id).await?.state(), proto::TaskState::Succeeded);
+    assert_eq!(client.wait(&task.id).await?.state, TaskState::Succeeded);
 
     terminate(&mut agent).await;
     terminate(&mut server).await;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use muster_sdk::{Client, Error, NewTask, Output, TaskContext, TaskError, proto};
+use muster_sdk::{Client, Error, Explanation, NewTask, Output, TaskContext, TaskError, TaskState, Workflow, proto};
 use tokio::sync::{Mutex, Notify};
 
 /// What an agent saw of one execution.
@@ -57,7 +57,7 @@ impl Stop {
     }
 }
 
-async fn wait_workflow(client: &Client, id: &str) -> proto::Workflow {
+async fn wait_workflow(client: &Client, id: &str) -> Workflow {
     let mut last = None;
     for _ in 0..2400 {
         let w = client.get_workflow(id).await.expect("get workflow");
@@ -70,8 +70,8 @@ async fn wait_workflow(client: &Client, id: &str) -> proto::Workflow {
     panic!("workflow {id} did not finish: {last:?}");
 }
 
-fn state_of(w: &proto::Workflow, key: &str) -> proto::TaskState {
-    w.tasks.iter().find(|t| t.key == key).map(|t| t.state()).unwrap_or_default()
+fn state_of(w: &Workflow, key: &str) -> TaskState {
+    w.tasks.iter().find(|t| t.key == key).map_or(TaskState::Unknown(0), |t| t.state)
 }
 
 #[tokio::test]
@@ -167,7 +167,7 @@ async fn an_upstream_failure_cancels_exactly_its_transitive_dependents() -> Test
     ];
     let submitted = client.submit_many(specs).await?;
     let w = wait_workflow(&client, &submitted.workflow_id).await;
-    use proto::TaskState::*;
+    use TaskState::*;
     assert_eq!(state_of(&w, "flaky"), Failed);
     assert_eq!(state_of(&w, "child"), Cancelled);
     assert_eq!(state_of(&w, "grandchild"), Cancelled);
@@ -292,14 +292,14 @@ async fn a_paused_queue_dispatches_nothing_and_resumes_cleanly() -> TestResult {
     let free = client.submit(NewTask::new("report").build()).await?;
     client.wait(&free.id).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(client.get(&held.id).await?.state(), proto::TaskState::Queued);
+    assert_eq!(client.get(&held.id).await?.state, TaskState::Queued);
     let explanation = client.explain(&held.id).await?;
     assert_eq!(explanation.reasons.first().map(|r| r.code.as_str()), Some("queue_paused"));
     let queues = client.list_queues().await?;
     let reports = queues.iter().find(|q| q.name == "reports").ok_or("reports queue listed")?;
     assert_eq!(reports.depth.get("QUEUED"), Some(&1));
     client.resume_queue("reports").await?;
-    assert_eq!(client.wait(&held.id).await?.state(), proto::TaskState::Succeeded);
+    assert_eq!(client.wait(&held.id).await?.state, TaskState::Succeeded);
     stop.cancel();
     agent.await??;
     Ok(())
@@ -339,7 +339,7 @@ async fn weighted_queues_share_saturated_agents_about_one_to_three() -> TestResu
 async fn explain_gives_the_true_cause_for_waiting_tasks() -> TestResult {
     let server = spawn_server().await;
     let client = server.client().await;
-    let code = |e: proto::Explanation| e.reasons.into_iter().map(|r| r.code).collect::<Vec<_>>();
+    let code = |e: Explanation| e.reasons.into_iter().map(|r| r.code).collect::<Vec<_>>();
 
     let orphan = client.submit(NewTask::new("translate").build()).await?;
     assert_eq!(code(client.explain(&orphan.id).await?), vec!["no_agent_with_capability"]);
@@ -360,7 +360,7 @@ async fn explain_gives_the_true_cause_for_waiting_tasks() -> TestResult {
     assert!(e.reasons[0].agents[0].contains("zone=us (has zone=eu)"), "{:?}", e.reasons[0].agents);
 
     let holder = client.submit(NewTask::new("hold").exclusive_lock("printer").build()).await?;
-    wait_for_state(&client, &holder.id, proto::TaskState::Running).await;
+    wait_for_state(&client, &holder.id, TaskState::Running).await;
     let waiting = client.submit(NewTask::new("hold").exclusive_lock("printer").build()).await?;
     let e = client.explain(&waiting.id).await?;
     let codes: Vec<&str> = e.reasons.iter().map(|r| r.code.as_str()).collect();
@@ -413,15 +413,15 @@ async fn a_workflow_survives_a_server_restart_midway() -> TestResult {
         make_task("after", "step", &["long"]).build(),
     ];
     let submitted = client.submit_many(specs).await?;
-    wait_for_state(&client, &submitted.tasks[0].id, proto::TaskState::Running).await;
+    wait_for_state(&client, &submitted.tasks[0].id, TaskState::Running).await;
 
     server.kill9();
     let _server = spawn(dir.path());
     let client = Client::connect(endpoint.clone()).await?;
     tokio::time::sleep(Duration::from_millis(800)).await;
     for key in ["rival", "sibling", "after"] {
-        let task = submitted.tasks.iter().find(|t| t.spec.as_ref().is_some_and(|s| s.key == key)).ok_or(key)?;
-        assert_ne!(client.get(&task.id).await?.state(), proto::TaskState::Succeeded, "{key} must still wait");
+        let task = submitted.tasks.iter().find(|t| t.spec.key == key).ok_or(key)?;
+        assert_ne!(client.get(&task.id).await?.state, TaskState::Succeeded, "{key} must still wait");
     }
     release.notify_one();
     let w = wait_workflow(&client, &submitted.workflow_id).await;
@@ -459,7 +459,7 @@ async fn a_ten_thousand_task_graph_submits_and_runs_to_completion() -> TestResul
     assert_eq!(submit.tasks.len(), 10_000);
     let sink = client.wait(&submit.tasks[9_999].id).await?;
     let finished_in = started.elapsed();
-    assert_eq!(sink.state(), proto::TaskState::Succeeded);
+    assert_eq!(sink.state, TaskState::Succeeded);
     assert_eq!(sink.depends_on_ids.len(), 9_998);
     let w = client.get_workflow(&submit.workflow_id).await?;
     assert_eq!(w.counts.get("SUCCEEDED"), Some(&10_000));

@@ -12,7 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use muster_sdk::{Agent, CancellationToken, Client, Output, TaskContext, TaskError, proto};
+use muster_sdk::{
+    Agent, AgentState, CancellationToken, Client, Output, Task, TaskContext, TaskError, TaskState, proto,
+};
 use muster_server::{RunningServer, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -102,11 +104,11 @@ where
     }
 }
 
-pub async fn wait_for_state(client: &Client, id: &str, state: proto::TaskState) -> proto::Task {
+pub async fn wait_for_state(client: &Client, id: &str, state: TaskState) -> Task {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let task = client.get(id).await.unwrap();
-        if task.state() == state {
+        if task.state == state {
             return task;
         }
         assert!(tokio::time::Instant::now() < deadline, "task {id} never reached {state:?}: {task:?}");
@@ -119,7 +121,7 @@ pub async fn wait_for_agents(client: &Client, capability: &str, count: usize) {
         client
             .list_agents(capability)
             .await
-            .map(|a| a.iter().filter(|a| a.state() == proto::AgentState::Connected).count() >= count)
+            .map(|a| a.iter().filter(|a| a.state == AgentState::Connected).count() >= count)
             .unwrap_or(false)
     })
     .await;

@@ -23,7 +23,7 @@ mod request;
 
 use std::time::Duration;
 
-use muster_sdk::{Agent, Error};
+use muster_sdk::{Agent, Credentials, Error};
 
 pub use crate::allow::{AllowEntry, Allowlist};
 
@@ -68,6 +68,11 @@ impl Default for HttpAgentConfig {
 
 /// Builds the HTTP agent, advertising capability `http`.
 pub fn build_agent(config: &HttpAgentConfig) -> Result<Agent, Error> {
+    build_agent_with(config, Credentials::default())
+}
+
+/// Like [`build_agent`], connecting with a token and TLS settings.
+pub fn build_agent_with(config: &HttpAgentConfig, credentials: Credentials) -> Result<Agent, Error> {
     let allowlist = Allowlist::parse(&config.allow).map_err(Error::InvalidConfig)?;
     if allowlist.is_empty() {
         return Err(Error::InvalidConfig(
@@ -78,10 +83,13 @@ pub fn build_agent(config: &HttpAgentConfig) -> Result<Agent, Error> {
         return Err(Error::InvalidConfig("max_body_bytes: must be at least 1".to_owned()));
     }
     let runner = request::Runner::new(allowlist, config)?;
-    let mut builder = Agent::builder(config.name.clone()).slots(config.slots).handler(CAPABILITY, move |ctx| {
-        let runner = runner.clone();
-        async move { runner.run(ctx).await }
-    });
+    let mut builder = Agent::builder(config.name.clone()).credentials(credentials).slots(config.slots).handler(
+        CAPABILITY,
+        move |ctx| {
+            let runner = runner.clone();
+            async move { runner.run(ctx).await }
+        },
+    );
     for endpoint in config.server.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         builder = builder.server(endpoint);
     }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use muster_http_agent::{HttpAgentConfig, build_agent};
+use muster_http_agent::{HttpAgentConfig, build_agent_with};
+use muster_sdk::Credentials;
 use tracing_subscriber::EnvFilter;
 
 /// Makes HTTP requests for a Muster control plane.
@@ -36,6 +37,18 @@ struct Args {
     /// The longest timeout a payload may ask for.
     #[arg(long, env = "MUSTER_HTTP_MAX_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     max_timeout: Duration,
+    /// The agent token to register with.
+    #[arg(long, env = "MUSTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA bundle that signs the server's certificate (implies https).
+    #[arg(long, env = "MUSTER_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for servers that require mutual TLS.
+    #[arg(long, env = "MUSTER_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "MUSTER_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -53,7 +66,13 @@ async fn main() -> anyhow::Result<()> {
         default_timeout: args.default_timeout,
         max_timeout: args.max_timeout,
     };
-    let agent = build_agent(&config).context("invalid http agent configuration")?;
+    let credentials = Credentials::from_parts(
+        args.token.as_deref(),
+        args.tls_ca.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+    )?;
+    let agent = build_agent_with(&config, credentials).context("invalid http agent configuration")?;
     agent.run().await.context("http agent failed")?;
     Ok(())
 }

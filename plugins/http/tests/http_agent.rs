@@ -12,7 +12,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use muster_http_agent::{HttpAgentConfig, build_agent};
-use muster_sdk::{CancellationToken, Client, NewTask, proto};
+use muster_sdk::{CancellationToken, Client, Failure, NewTask, Task, TaskState};
 use serde_json::{Value, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -87,7 +87,7 @@ async fn spawn_fixture() -> Fixture {
 
 impl Fixture {
     /// Submits an `http` task with fast retries and waits for its end.
-    async fn run(&self, payload: &Value) -> proto::Task {
+    async fn run(&self, payload: &Value) -> Task {
         let spec = NewTask::new("http")
             .json(payload)
             .unwrap()
@@ -103,11 +103,11 @@ impl Fixture {
     }
 }
 
-fn output(task: &proto::Task) -> Value {
+fn output(task: &Task) -> Value {
     serde_json::from_slice(&task.output).unwrap()
 }
 
-fn failure(task: &proto::Task) -> proto::Failure {
+fn failure(task: &Task) -> Failure {
     task.failure.clone().unwrap()
 }
 
@@ -115,7 +115,7 @@ fn failure(task: &proto::Task) -> proto::Failure {
 async fn success_returns_status_headers_and_body() -> TestResult {
     let fixture = spawn_fixture().await;
     let task = fixture.run(&json!({"url": fixture.url("/ok")})).await;
-    assert_eq!(task.state(), proto::TaskState::Succeeded, "{task:?}");
+    assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
     let output = output(&task);
     assert_eq!(output["status"], 200);
     assert_eq!(output["headers"]["x-test"], "yes");
@@ -129,7 +129,7 @@ async fn success_returns_status_headers_and_body() -> TestResult {
 async fn a_503_is_retried_until_it_succeeds() -> TestResult {
     let fixture = spawn_fixture().await;
     let task = fixture.run(&json!({"url": fixture.url("/flaky")})).await;
-    assert_eq!(task.state(), proto::TaskState::Succeeded, "{task:?}");
+    assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
     assert_eq!(task.attempt, 3, "two 503s, then success");
     assert_eq!(output(&task)["body"], "recovered");
     fixture.shutdown.cancel();
@@ -140,7 +140,7 @@ async fn a_503_is_retried_until_it_succeeds() -> TestResult {
 async fn a_404_fails_without_retry() -> TestResult {
     let fixture = spawn_fixture().await;
     let task = fixture.run(&json!({"url": fixture.url("/missing")})).await;
-    assert_eq!(task.state(), proto::TaskState::Failed, "{task:?}");
+    assert_eq!(task.state, TaskState::Failed, "{task:?}");
     assert_eq!(task.attempt, 1);
     let failure = failure(&task);
     assert_eq!(failure.reason, "http_status");
@@ -154,7 +154,7 @@ async fn a_host_outside_the_allowlist_is_refused() -> TestResult {
     let fixture = spawn_fixture().await;
     // Same host, another port: not on the list.
     let task = fixture.run(&json!({"url": "http://127.0.0.1:1/ok"})).await;
-    assert_eq!(task.state(), proto::TaskState::Failed, "{task:?}");
+    assert_eq!(task.state, TaskState::Failed, "{task:?}");
     assert_eq!(task.attempt, 1);
     assert_eq!(failure(&task).reason, "not_allowed");
     fixture.shutdown.cancel();
@@ -168,7 +168,7 @@ async fn a_slow_endpoint_hits_the_timeout() -> TestResult {
     let spec = NewTask::new("http").json(&payload)?.max_attempts(1).build();
     let task = fixture.client.submit(spec).await?;
     let task = tokio::time::timeout(Duration::from_secs(10), fixture.client.wait(&task.id)).await??;
-    assert_eq!(task.state(), proto::TaskState::Failed, "{task:?}");
+    assert_eq!(task.state, TaskState::Failed, "{task:?}");
     let failure = failure(&task);
     assert_eq!(failure.reason, "timeout");
     assert!(failure.retryable);
@@ -180,7 +180,7 @@ async fn a_slow_endpoint_hits_the_timeout() -> TestResult {
 async fn a_large_body_is_capped() -> TestResult {
     let fixture = spawn_fixture().await;
     let task = fixture.run(&json!({"url": fixture.url("/big")})).await;
-    assert_eq!(task.state(), proto::TaskState::Succeeded, "{task:?}");
+    assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
     let output = output(&task);
     assert_eq!(output["body"].as_str().map(str::len), Some(1024));
     assert_eq!(output["body_truncated"], true);

@@ -1,7 +1,9 @@
-//! Running one `shell` task: parse the payload, spawn the program in its own
-//! process group, stream its output lines to the task's live log while
-//! capturing the tails of its output, and end the whole group (SIGTERM,
-//! then SIGKILL after a grace period) on cancellation or timeout.
+//! Running one `shell` task: parse the payload, check it against the
+//! agent's [`ExecPolicy`], spawn the program in its own process group under
+//! a supervisor (see `supervise`), stream its output lines to the task's
+//! live log while capturing the tails of its output, and end the whole
+//! group (SIGTERM, then SIGKILL after a grace period) on cancellation or
+//! timeout.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -14,6 +16,8 @@ use muster_sdk::{LogStream, LogWriter, Output, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
+
+use crate::policy::{ExecPolicy, MAX_PAYLOAD_ENV, is_variable_name};
 
 /// How much of stdout and of stderr is kept (the tail: the end of a log is
 /// where the error is).
@@ -71,7 +75,17 @@ fn parse_payload(payload: &[u8]) -> Result<ShellCommand, TaskError> {
         .next()
         .filter(|program| !program.is_empty())
         .ok_or_else(|| invalid_payload("argv must start with a program name"))?;
-    Ok(ShellCommand { program, args: argv.collect(), env: payload.env.unwrap_or_default(), cwd: payload.cwd })
+    let env = payload.env.unwrap_or_default();
+    if env.len() > MAX_PAYLOAD_ENV {
+        return Err(invalid_payload(format!(
+            "env has {} variables, more than the limit of {MAX_PAYLOAD_ENV}",
+            env.len()
+        )));
+    }
+    if let Some((name, _)) = env.iter().find(|(name, value)| !is_variable_name(name) || value.contains('\0')) {
+        return Err(invalid_payload(format!("env: {name:?} is not a valid variable")));
+    }
+    Ok(ShellCommand { program, args: argv.collect(), env, cwd: payload.cwd })
 }
 
 /// Executes `shell` tasks under the agent's configuration; cheap to clone.
@@ -87,9 +101,11 @@ struct RunnerConfig {
     max_output_bytes: usize,
     /// Canonical forms of the allowed directories.
     allowed_dirs: Vec<PathBuf>,
-    inherit_env: bool,
-    pass_env: Vec<String>,
+    policy: ExecPolicy,
     non_retryable_exit_codes: Vec<i32>,
+    /// This process's end of every supervisor's lifeline.
+    #[cfg(unix)]
+    lifeline: std::os::fd::RawFd,
 }
 
 /// Why a running program is being stopped.
@@ -109,15 +125,20 @@ impl Runner {
                 .map_err(|e| format!("allowed_dirs: {} is not a usable directory: {e}", dir.display()))?;
             allowed_dirs.push(canonical);
         }
+        let policy = ExecPolicy::new(config)?;
+        #[cfg(unix)]
+        let lifeline = crate::supervise::lifeline()
+            .map_err(|e| format!("cannot create the pipe that ties commands to this agent: {e}"))?;
         Ok(Self {
             inner: Arc::new(RunnerConfig {
                 kill_grace: config.kill_grace,
                 timeout: config.timeout,
                 max_output_bytes: config.max_output_bytes,
                 allowed_dirs,
-                inherit_env: config.inherit_env,
-                pass_env: config.pass_env.clone(),
+                policy,
                 non_retryable_exit_codes: config.non_retryable_exit_codes.clone(),
+                #[cfg(unix)]
+                lifeline,
             }),
         })
     }
@@ -125,6 +146,7 @@ impl Runner {
     /// The `shell` handler.
     pub(crate) async fn run(&self, ctx: TaskContext) -> Result<Output, TaskError> {
         let mut command = parse_payload(ctx.payload())?;
+        self.inner.policy.check(&command.program, &command.env)?;
         command.cwd = self.working_dir(&command)?;
         let output = self.execute(&command, &ctx).await?;
         if output.exit_code != 0 {
@@ -176,13 +198,8 @@ impl Runner {
 
     async fn execute(&self, command: &ShellCommand, ctx: &TaskContext) -> Result<ShellOutput, TaskError> {
         let mut cmd = Command::new(&command.program);
-        if !self.inner.inherit_env {
-            cmd.env_clear();
-            for name in &self.inner.pass_env {
-                if let Some(value) = std::env::var_os(name) {
-                    cmd.env(name, value);
-                }
-            }
+        if let Some(base) = self.inner.policy.base_env() {
+            cmd.env_clear().envs(base);
         }
         cmd.args(&command.args)
             .envs(&command.env)
@@ -193,9 +210,13 @@ impl Runner {
         if let Some(cwd) = &command.cwd {
             cmd.current_dir(cwd);
         }
-        // Its own process group, so cancellation reaches every descendant.
+        // Its own process group, so cancellation reaches every descendant,
+        // led by a supervisor that ends the group if this agent dies.
         #[cfg(unix)]
-        cmd.process_group(0);
+        {
+            cmd.process_group(0);
+            crate::supervise::attach(&mut cmd, self.inner.lifeline, self.inner.kill_grace);
+        }
         let mut child = cmd.spawn().map_err(|err| spawn_error(&command.program, &err))?;
         let pid = child.id();
         tracing::debug!(task_id = ctx.task_id(), program = %command.program, ?pid, "spawned");
@@ -222,6 +243,17 @@ impl Runner {
             }
         };
         match finished {
+            Ok(Ok(status)) if supervisor_killed(status) => {
+                // The program lost its supervisor: it was killed (Linux) or
+                // is still running; either way the group must not outlive
+                // an attempt that is about to be retried.
+                group.kill();
+                Err(TaskError::retryable(format!(
+                    "{} stopped: its supervising process was killed ({status})",
+                    command.program
+                ))
+                .with_reason("supervisor_killed"))
+            }
             Ok(Ok(status)) => {
                 group.disarm();
                 Ok(ShellOutput { exit_code: exit_code(status), stdout: stdout.into_tail(), stderr: stderr.into_tail() })
@@ -257,11 +289,31 @@ fn exit_error(program: &str, output: &ShellOutput, retryable: bool) -> TaskError
     error.with_reason("exit_code")
 }
 
+/// The supervisor blocks every signal it can and exits with the program's
+/// status, so a supervisor that ended by a signal was killed from outside.
+fn supervisor_killed(status: ExitStatus) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        status.signal().is_some()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = status;
+        false
+    }
+}
+
 /// A missing or unusable program will not appear on retry; other spawn
 /// failures (out of processes, out of memory) may pass.
 fn spawn_error(program: &str, err: &io::Error) -> TaskError {
-    let retryable =
-        !matches!(err.kind(), io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput);
+    let retryable = !matches!(
+        err.kind(),
+        io::ErrorKind::NotFound
+            | io::ErrorKind::PermissionDenied
+            | io::ErrorKind::InvalidInput
+            | io::ErrorKind::ArgumentListTooLong
+    );
     let message = match err.kind() {
         io::ErrorKind::NotFound => format!("cannot run {program}: program not found"),
         _ => format!("cannot run {program}: {err}"),
@@ -547,9 +599,22 @@ mod tests {
             r#"{"argv": "echo hi"}"#,
             r#"{"argv": ["echo"], "args": ["typo"]}"#,
             r#"{"argv": ["echo"], "env": {"K": 1}}"#,
+            r#"{"argv": ["echo"], "env": {"A=B": "1"}}"#,
+            r#"{"argv": ["echo"], "env": {"": "1"}}"#,
+            r#"{"argv": ["echo"], "env": {"A": "x\u0000y"}}"#,
         ] {
             expect_invalid(json);
         }
+    }
+
+    #[test]
+    fn more_variables_than_the_limit_are_an_invalid_payload_naming_it() {
+        let env: serde_json::Map<String, serde_json::Value> =
+            (0..=MAX_PAYLOAD_ENV).map(|i| (format!("V{i}"), serde_json::Value::from(""))).collect();
+        let json = serde_json::json!({"argv": ["true"], "env": env}).to_string();
+        expect_invalid(&json);
+        let err = parse(&json).err().map(|err| err.message).unwrap_or_default();
+        assert!(err.contains("env") && err.contains(&MAX_PAYLOAD_ENV.to_string()), "{err}");
     }
 
     #[test]

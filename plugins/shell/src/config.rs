@@ -43,6 +43,7 @@ struct FileConfig {
     timeout: Option<Duration>,
     max_output_bytes: Option<usize>,
     allowed_dirs: Option<Vec<PathBuf>>,
+    allow_programs: Option<Vec<String>>,
     inherit_env: Option<bool>,
     pass_env: Option<Vec<String>>,
     non_retryable_exit_codes: Option<Vec<i32>>,
@@ -68,11 +69,18 @@ pub struct ShellArgs {
     /// means any.
     #[arg(long, env = "MUSTER_SHELL_ALLOWED_DIRS", value_delimiter = ',')]
     pub allowed_dirs: Option<Vec<PathBuf>>,
-    /// Whether commands inherit the agent's environment.
-    #[arg(long, env = "MUSTER_SHELL_INHERIT_ENV")]
+    /// Programs tasks may run (argv[0], compared exactly): bare names found
+    /// on the agent's PATH, or absolute paths; comma-separated or repeated.
+    /// Unset means any.
+    #[arg(long, env = "MUSTER_SHELL_ALLOW_PROGRAMS", value_delimiter = ',')]
+    pub allow_programs: Option<Vec<String>>,
+    /// Whether commands inherit the agent's whole environment (default
+    /// false: only the pass-env variables and the payload's env).
+    #[arg(long, env = "MUSTER_SHELL_INHERIT_ENV", num_args = 0..=1, default_missing_value = "true")]
     pub inherit_env: Option<bool>,
     /// Variables of the agent's environment passed on when inherit-env is
-    /// false; comma-separated.
+    /// false, replacing the default list (PATH HOME USER LOGNAME LANG LC_ALL
+    /// TZ TMPDIR); comma-separated or repeated.
     #[arg(long, env = "MUSTER_SHELL_PASS_ENV", value_delimiter = ',')]
     pub pass_env: Option<Vec<String>>,
     /// Exit codes that fail the task for good instead of being retried;
@@ -94,6 +102,7 @@ impl ShellArgs {
         }
         set(&mut config.max_output_bytes, self.max_output_bytes);
         set(&mut config.allowed_dirs, self.allowed_dirs.clone());
+        set(&mut config.allow_programs, self.allow_programs.clone());
         set(&mut config.inherit_env, self.inherit_env);
         set(&mut config.pass_env, self.pass_env.clone());
         set(&mut config.non_retryable_exit_codes, self.non_retryable_exit_codes.clone());
@@ -123,6 +132,7 @@ fn apply_toml(mut config: ShellAgentConfig, text: &str) -> Result<ShellAgentConf
     }
     set(&mut config.max_output_bytes, file.max_output_bytes);
     set(&mut config.allowed_dirs, file.allowed_dirs);
+    set(&mut config.allow_programs, file.allow_programs);
     set(&mut config.inherit_env, file.inherit_env);
     set(&mut config.pass_env, file.pass_env);
     set(&mut config.non_retryable_exit_codes, file.non_retryable_exit_codes);
@@ -163,7 +173,38 @@ mod tests {
         assert_eq!(config.max_output_bytes, 50);
         assert_eq!(config.non_retryable_exit_codes, [3, 4]);
         assert_eq!(config.allowed_dirs, [PathBuf::from("/srv")]);
+        assert!(!config.inherit_env, "commands get a clean environment by default");
+        assert_eq!(config.pass_env, crate::DEFAULT_PASS_ENV);
+        Ok(())
+    }
+
+    #[test]
+    fn environment_and_program_flags_layer_over_the_file() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("shell.toml");
+        std::fs::write(&path, "allow_programs = [\"make\"]\npass_env = [\"PATH\"]\ninherit_env = false\n")?;
+        let file_only = Cli::try_parse_from(["x", "--shell-config", path.to_str().unwrap_or_default()])?;
+        let config = file_only.shell.apply(ShellAgentConfig::default())?;
+        assert_eq!(config.allow_programs, ["make"]);
+        assert_eq!(config.pass_env, ["PATH"]);
+        let cli = Cli::try_parse_from([
+            "x",
+            "--shell-config",
+            path.to_str().unwrap_or_default(),
+            "--allow-programs",
+            "echo,/usr/bin/env",
+            "--pass-env",
+            "PATH",
+            "--pass-env",
+            "LANG,TZ",
+            "--inherit-env",
+        ])?;
+        let config = cli.shell.apply(ShellAgentConfig::default())?;
+        assert_eq!(config.allow_programs, ["echo", "/usr/bin/env"]);
+        assert_eq!(config.pass_env, ["PATH", "LANG", "TZ"]);
         assert!(config.inherit_env);
+        let off = Cli::try_parse_from(["x", "--inherit-env", "false"])?;
+        assert_eq!(off.shell.inherit_env, Some(false));
         Ok(())
     }
 

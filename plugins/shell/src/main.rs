@@ -3,7 +3,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use muster_shell_agent::{ShellAgentConfig, ShellArgs, build_agent};
+use muster_sdk::Credentials;
+use muster_shell_agent::{ShellAgentConfig, ShellArgs, build_agent_with, protect_process};
 use tracing_subscriber::EnvFilter;
 
 /// The longest agent name the server accepts.
@@ -29,10 +30,23 @@ struct Args {
     /// free port); the address is announced to the server for discovery.
     #[arg(long, env = "MUSTER_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// The agent token to register with.
+    #[arg(long, env = "MUSTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA bundle that signs the server's certificate (implies https).
+    #[arg(long, env = "MUSTER_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for servers that require mutual TLS.
+    #[arg(long, env = "MUSTER_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "MUSTER_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    protect_process().context("cannot protect the agent process")?;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
@@ -48,7 +62,13 @@ async fn main() -> anyhow::Result<()> {
     if args.metrics_listen.is_some() {
         config.metrics_listen = args.metrics_listen;
     }
-    let agent = build_agent(&config).context("invalid shell agent configuration")?;
+    let credentials = Credentials::from_parts(
+        args.token.as_deref(),
+        args.tls_ca.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+    )?;
+    let agent = build_agent_with(&config, credentials).context("invalid shell agent configuration")?;
     agent.run().await.context("shell agent failed")?;
     Ok(())
 }

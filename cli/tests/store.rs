@@ -1,0 +1,137 @@
+//! `muster store verify` on the data directory of a real `muster serve`:
+//! sound after a graceful stop, refused while the server runs or where
+//! there is no store, and non-zero with the problem named once a record is
+//! made inconsistent.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output as ProcessOutput};
+use std::time::Duration;
+
+use common::*;
+use muster_sdk::{Client, NewTask, Output, TaskState};
+use muster_server::store::{SledStore, Store, Write};
+
+fn verify(data_dir: &Path, json: bool) -> std::io::Result<ProcessOutput> {
+    let mut command = Command::new(muster_bin());
+    if json {
+        command.args(["--output", "json"]);
+    }
+    command.args(["store", "verify", "--data-dir"]).arg(data_dir).env("RUST_LOG", "warn").output()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn a_stopped_servers_store_verifies_and_a_gap_in_its_event_log_does_not() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("data");
+    let (mut server, endpoint) = spawn_serve_process(&data, &[]);
+    let client = Client::connect(endpoint.clone()).await?;
+    let (stop, agent) = spawn_agent(&endpoint, "echo", "echo", &[], 2, |ctx| async move {
+        ctx.log("echoing");
+        Ok(Output::from(ctx.payload().to_vec()))
+    });
+    wait_for_agents(&client, "echo", 1).await;
+    // Three that finish (one under an idempotency key), a workflow of two
+    // that finishes, two that wait for an agent that never comes (one
+    // under a key).
+    let mut finished = Vec::new();
+    for key in [Some("done-1"), None, None] {
+        let mut task = NewTask::new("echo").payload(b"hi".to_vec());
+        if let Some(key) = key {
+            task = task.idempotency_key(key);
+        }
+        finished.push(client.submit(task.build()).await?.id);
+    }
+    // A workflow of two, the second after the first.
+    let graph = client
+        .submit_many(vec![
+            NewTask::new("echo").key("first").build(),
+            NewTask::new("echo").key("second").depends_on("first").build(),
+        ])
+        .await?;
+    assert!(!graph.workflow_id.is_empty());
+    finished.extend(graph.tasks.into_iter().map(|t| t.id));
+    for id in &finished {
+        wait_for_state(&client, id, TaskState::Succeeded).await;
+    }
+    client.submit(NewTask::new("nobody").idempotency_key("waiting-1").build()).await?;
+    client.submit(NewTask::new("nobody").build()).await?;
+
+    // The running server holds the store.
+    let refused = verify(&data, false)?;
+    assert!(!refused.status.success(), "verify ran beside the server: {}", text(&refused.stdout));
+    assert!(text(&refused.stderr).contains("in use by another process"), "{}", text(&refused.stderr));
+
+    stop.cancel();
+    agent.await??;
+    // SAFETY: kill only sends a signal to the child this test started.
+    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while server.child.try_wait()?.is_none() {
+        assert!(std::time::Instant::now() < deadline, "muster serve did not stop after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let clean = verify(&data, true)?;
+    assert!(clean.status.success(), "{}{}", text(&clean.stdout), text(&clean.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&clean.stdout)?;
+    assert_eq!(report["clean"], true, "{report}");
+    assert_eq!(report["problem_count"], 0, "{report}");
+    let records = &report["records"];
+    assert_eq!(records["tasks"], 7, "{report}");
+    assert_eq!(records["workflow_entries"], 2, "{report}");
+    assert_eq!(records["unfinished_entries"], 2, "{report}");
+    assert_eq!(records["idempotency_keys"], 2, "{report}");
+    assert_eq!(records["logs"], 5, "one log per finished attempt: {report}");
+    // Each task was submitted; each finished one was also assigned, started
+    // and succeeded.
+    let events = records["events"].as_u64().ok_or("no event count")?;
+    assert!(events >= 7 + 5 * 3, "{report}");
+
+    let table = verify(&data, false)?;
+    assert!(table.status.success(), "{}", text(&table.stderr));
+    let printed = text(&table.stdout);
+    assert!(printed.contains("problems  0"), "{printed}");
+    assert!(printed.lines().any(|l| l.split_whitespace().eq(["task", "7"])), "{printed}");
+
+    // An event appended past a missing sequence: a gap in the log.
+    let gap = {
+        let store = SledStore::open(&data, None)?;
+        let last = store.last_sequence()?;
+        let mut event = store.events_after(last - 1, 1)?.pop().ok_or("no last event")?;
+        event.sequence = last + 2;
+        store.write(&[Write::Event(event)])?;
+        store.flush()?;
+        last + 2
+    };
+    let broken = verify(&data, true)?;
+    assert!(!broken.status.success(), "a gap verified: {}", text(&broken.stdout));
+    let stderr = text(&broken.stderr);
+    assert!(stderr.contains(&format!("event_gap event/{gap}: sequences {0} to {0} are missing", gap - 1)), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&broken.stdout)?;
+    assert_eq!(report["problem_count"], 1, "{report}");
+    assert_eq!(report["problems_by_kind"]["event_gap"], 1, "{report}");
+    assert_eq!(report["problems"][0]["key"], format!("event/{gap}"), "{report}");
+    Ok(())
+}
+
+#[test]
+fn verify_refuses_a_missing_directory_and_one_without_a_store() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let missing = root.path().join("missing");
+    let out = verify(&missing, false)?;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("does not exist"), "{}", text(&out.stderr));
+    assert!(!missing.exists(), "verify created the directory");
+
+    let out = verify(root.path(), false)?;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("holds no muster store"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_dir(root.path())?.count(), 0, "verify wrote into the directory");
+    Ok(())
+}
