@@ -49,6 +49,10 @@ pub(crate) struct ServeArgs {
     /// How long a cancelled running task has to stop, e.g. 30s.
     #[arg(long, env = "MUSTER_CANCEL_GRACE", value_parser = humantime::parse_duration)]
     pub(crate) cancel_grace: Option<Duration>,
+    /// How long finished tasks (with their events, logs and idempotency
+    /// keys) are kept, e.g. 7d (the default); 0 keeps them forever.
+    #[arg(long, env = "MUSTER_RETENTION", value_parser = parse_retention)]
+    pub(crate) retention: Option<Duration>,
     /// PEM CA bundle of client certificates: with it, every client must
     /// present a certificate it signs (mutual TLS).
     #[arg(long, env = "MUSTER_TLS_CLIENT_CA")]
@@ -60,6 +64,14 @@ pub(crate) struct ServeArgs {
     /// Allow listening beyond loopback without TLS and authentication.
     #[arg(long, env = "MUSTER_INSECURE")]
     pub(crate) insecure: bool,
+}
+
+/// A retention: a duration such as `7d` or `30s`, or `0` for forever.
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    match text.trim() {
+        "0" => Ok(Duration::ZERO),
+        other => humantime::parse_duration(other).map_err(|e| format!("{e} (a duration such as 7d, or 0 for forever)")),
+    }
 }
 
 /// The server's own certificate and key (the global --tls-cert and
@@ -130,6 +142,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.cancel_grace {
             config.cancel_grace = v;
+        }
+        if let Some(v) = self.retention {
+            config.retention.finished_tasks = v;
         }
         match (tls_files, &mut config.tls) {
             ((Some(cert), Some(key)), tls) => {
@@ -364,6 +379,22 @@ mod tests {
         let config = load(&[])?;
         assert_eq!(config.data_dir, PathBuf::from("default-dir"));
         assert_eq!(config.durability, Durability::Sync);
+        Ok(())
+    }
+
+    #[test]
+    fn retention_is_a_week_unless_the_file_or_flag_says_otherwise_and_zero_keeps_forever() -> anyhow::Result<()> {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        assert_eq!(load(&[])?.retention.finished_tasks, week);
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("muster.toml");
+        std::fs::write(&path, "[retention]\nfinished_tasks = \"2h\"\n")?;
+        let path = path.display().to_string();
+        assert_eq!(load(&["--config", &path])?.retention.finished_tasks, Duration::from_secs(7200));
+        assert_eq!(load(&["--config", &path, "--retention", "30s"])?.retention.finished_tasks, Duration::from_secs(30));
+        assert_eq!(load(&["--retention", "0"])?.retention.finished_tasks, Duration::ZERO);
+        let err = load(&["--retention", "soon"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("0 for forever"), "{err}");
         Ok(())
     }
 

@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub default_retry: RetryDefaults,
     /// Input limits.
     pub limits: Limits,
+    /// How long finished work is kept.
+    pub retention: Retention,
     /// TLS on the gRPC and HTTP listeners; plaintext when unset.
     pub tls: Option<TlsConfig>,
     /// Who may call, and as what.
@@ -75,6 +77,23 @@ pub struct ServerConfig {
     /// Allows listening on a non-loopback address without TLS and
     /// authentication. Anyone who reaches the port can then do anything.
     pub insecure: bool,
+}
+
+/// How long finished work is kept before retention removes it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// A finished task (with its events, logs and idempotency key) is
+    /// removed this long after it finished; a workflow once its last task
+    /// has been finished this long. Zero keeps everything forever.
+    #[serde(with = "humantime_serde")]
+    pub finished_tasks: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { finished_tasks: Duration::from_secs(7 * 24 * 3600) }
+    }
 }
 
 /// The server's certificate and, for mutual TLS, the CA that signs client
@@ -162,6 +181,7 @@ impl Default for ServerConfig {
             default_timeout: Duration::from_secs(300),
             default_retry: RetryDefaults::default(),
             limits: Limits::default(),
+            retention: Retention::default(),
             tls: None,
             auth: AuthConfig::default(),
             insecure: false,

@@ -31,6 +31,9 @@ pub enum Error {
     /// The caller's role or scope does not allow this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// A position (an event sequence) outside what is kept.
+    #[error("{0}")]
+    OutOfRange(String),
     /// The server is shutting down or its core has stopped.
     #[error("{0}")]
     Unavailable(String),

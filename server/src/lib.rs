@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 mod net;
 mod rate;
+mod retention;
 mod scheduler;
 pub mod store;
 mod store_stats;
@@ -197,6 +198,16 @@ async fn serve(
     let log_persister = tokio::spawn(logs::run_persister(log_hub.clone(), ended_logs, shutdown.clone()));
     let store_stats = tokio::spawn(store_stats::run(metrics.clone(), store.clone(), store_dir, shutdown.clone()));
     let core = CoreHandle::new(commands);
+    // Held by each retention pass, and by a backup for as long as it copies.
+    let compaction = Arc::new(tokio::sync::Mutex::new(()));
+    let retention = tokio::spawn(retention::run(
+        store.clone(),
+        core.clone(),
+        metrics.clone(),
+        config.retention.finished_tasks,
+        compaction.clone(),
+        shutdown.clone(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::task_service_server::TaskServiceServer<TaskHandler>>().await;
@@ -289,6 +300,7 @@ async fn serve(
         // A count under way holds the store: it ends before the writer's
         // last flush.
         let _ = store_stats.await;
+        let _ = retention.await;
         // The scheduler is gone, so the writer's queue closes: it drains,
         // flushes and ends.
         let joined = tokio::task::spawn_blocking(move || writer.join()).await.map_err(std::io::Error::other)?;

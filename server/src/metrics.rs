@@ -74,6 +74,13 @@ pub(crate) const STORE_DISK_FREE: &str = "muster_store_disk_free_bytes";
 pub(crate) const STORE_RECORDS: &str = "muster_store_records";
 /// When [`STORE_RECORDS`] was last counted.
 pub(crate) const STORE_RECORDS_COUNTED: &str = "muster_store_records_counted_timestamp_seconds";
+/// Records retention removed, by kind.
+pub(crate) const STORE_COMPACTED: &str = "muster_store_compacted_total";
+/// The `kind` values of [`STORE_COMPACTED`], always exported.
+const COMPACTED_KINDS: [&str; 2] = ["task", "event"];
+/// The oldest event sequence the store still holds (a watch can resume
+/// from one before it).
+pub(crate) const STORE_OLDEST_SEQUENCE: &str = "muster_store_oldest_sequence";
 /// gRPC requests finished.
 pub(crate) const GRPC_REQUESTS: &str = "muster_grpc_requests_total";
 /// gRPC request latency (stream lifetime for streaming calls).
@@ -242,6 +249,8 @@ pub struct Metrics {
     store_disk_free: IntGaugeVec,
     store_records: IntGaugeVec,
     store_records_counted: GaugeVec,
+    store_compacted: IntCounterVec,
+    store_oldest_sequence: IntGauge,
     /// Serialises scrapes: each resets and refills the state gauges.
     render: Mutex<()>,
 }
@@ -368,9 +377,25 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            store_compacted: counter(
+                STORE_COMPACTED,
+                "Records retention removed: finished tasks (with their index entries and logs) and events.",
+                &[KIND],
+            )?,
+            store_oldest_sequence: {
+                let g = IntGauge::new(
+                    STORE_OLDEST_SEQUENCE,
+                    "The oldest event sequence kept; a watch resuming before it must re-list.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             render: Mutex::new(()),
             registry,
         };
+        for kind in COMPACTED_KINDS {
+            metrics.store_compacted.with_label_values(&[kind]);
+        }
         for result in LOG_LINE_RESULTS {
             metrics.log_lines.with_label_values(&[result]);
         }
@@ -416,6 +441,14 @@ impl Metrics {
         let gauge = |bytes: u64| i64::try_from(bytes).unwrap_or(i64::MAX);
         self.store_size.with_label_values::<&str>(&[]).set(gauge(usage.size_bytes));
         self.store_disk_free.with_label_values::<&str>(&[]).set(gauge(usage.free_bytes));
+    }
+
+    /// Counts what one retention pass removed, and where the event log now
+    /// starts.
+    pub(crate) fn observe_compaction(&self, tasks: u64, events: u64, oldest_sequence: u64) {
+        self.store_compacted.with_label_values(&["task"]).inc_by(tasks);
+        self.store_compacted.with_label_values(&["event"]).inc_by(events);
+        self.store_oldest_sequence.set(i64::try_from(oldest_sequence).unwrap_or(i64::MAX));
     }
 
     /// Records one finished gRPC call.
@@ -629,7 +662,7 @@ mod tests {
         assert!(text.contains("muster_store_records{kind=\"task\"} 5"), "{text}");
         assert!(text.contains("muster_store_records{kind=\"event\"} 12"), "{text}");
         assert!(text.contains("muster_store_records{kind=\"log_tail\"} 0"), "{text}");
-        assert_eq!(text.matches("muster_store_records{kind=").count(), 9, "{text}");
+        assert_eq!(text.matches("muster_store_records{kind=").count(), 10, "{text}");
         assert!(text.contains("muster_store_records_counted_timestamp_seconds 1700000000"), "{text}");
         assert!(text.contains("muster_store_size_bytes 4096"), "{text}");
         assert!(text.contains("muster_store_disk_free_bytes 1099511627776"), "{text}");

@@ -209,6 +209,23 @@ mod tests {
         fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError> {
             self.inner.log(task, attempt)
         }
+        fn logs_after(&self, after: Option<(TaskId, u32)>, limit: usize) -> Result<Vec<AttemptLog>, StoreError> {
+            self.inner.logs_after(after, limit)
+        }
+        fn compacted_through(&self) -> Result<u64, StoreError> {
+            self.inner.compacted_through()
+        }
+        fn events_cut(&self, until: crate::model::Millis, max_records: usize) -> Result<Option<u64>, StoreError> {
+            self.inner.events_cut(until, max_records)
+        }
+        fn finished_tasks(
+            &self,
+            until: crate::model::Millis,
+            after: Option<(crate::model::Millis, TaskId)>,
+            limit: usize,
+        ) -> Result<Vec<(crate::model::Millis, TaskId)>, StoreError> {
+            self.inner.finished_tasks(until, after, limit)
+        }
         fn verify(&self) -> Result<crate::store::VerifyReport, StoreError> {
             self.inner.verify()
         }

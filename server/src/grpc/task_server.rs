@@ -337,6 +337,22 @@ impl pb::task_service_server::TaskService for TaskHandler {
     }
 }
 
+/// The stored events after `after`, or `OUT_OF_RANGE` when retention has
+/// removed some of them (0 means from the oldest kept). The compaction
+/// point is read after the events, so a cut made meanwhile is noticed.
+fn replay(store: &dyn Store, after: u64) -> Result<Vec<TaskEvent>, Error> {
+    let chunk = store.events_after(after, REPLAY_CHUNK)?;
+    let compacted = store.compacted_through()?;
+    if after > 0 && after < compacted {
+        return Err(Error::OutOfRange(format!(
+            "after_sequence: events up to {compacted} were removed by retention and {after} is before them; the \
+             oldest kept is {}: list the tasks again and watch from the listing's sequence",
+            compacted + 1
+        )));
+    }
+    Ok(chunk)
+}
+
 /// Replays stored events after `last`, then follows live ones; falls back
 /// to the store whenever the live feed lags.
 async fn watch(
@@ -351,7 +367,7 @@ async fn watch(
         loop {
             let store = store.clone();
             let from = last;
-            let chunk = match blocking(move || store.events_after(from, REPLAY_CHUNK).map_err(Error::from)).await {
+            let chunk = match blocking(move || replay(store.as_ref(), from)).await {
                 Ok(chunk) => chunk,
                 Err(status) => {
                     let _ = tx.send(Err(status)).await;

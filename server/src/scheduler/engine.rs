@@ -25,12 +25,14 @@ mod explain;
 mod journal;
 mod recent;
 mod resources;
+pub(crate) mod retention;
 mod sessions;
 mod workflow;
 
 use self::journal::Journal;
 use self::recent::RecentOutcomes;
 use self::resources::{Resource, Resources, queue_info};
+use self::retention::{Held, Reopened};
 use self::sessions::Sessions;
 use self::workflow::Finished;
 use super::ready::{Entry, ReadyQueues};
@@ -155,6 +157,10 @@ pub(crate) struct Core {
     resources: Resources,
     recent: RecentOutcomes,
     idempotency: HashMap<String, TaskId>,
+    /// Finished tasks unfinished ones depend on: kept past retention.
+    held: Held,
+    /// Tasks retried since the last expiry: kept whatever the compactor saw.
+    reopened: Reopened,
     /// Tasks that just ended and have dependents to settle.
     finished: VecDeque<Finished>,
     journal: Journal,
@@ -193,6 +199,8 @@ impl Core {
             sessions: Sessions::default(),
             resources: Resources::default(),
             recent: RecentOutcomes::default(),
+            held: Held::default(),
+            reopened: Reopened::default(),
             finished: VecDeque::new(),
             ids: ulid::Generator::new(),
             payload_bytes: 0,
@@ -339,6 +347,10 @@ impl Core {
                 self.journal.write(Write::Token(record));
                 self.journal.reply(reply, Ok(()));
             }
+            Command::Expire { groups, events_through, reply } => {
+                let expired = self.expire(groups, events_through);
+                self.journal.reply(reply, Ok(expired));
+            }
             Command::Acting { actor, command } => {
                 self.journal.set_actor(Some(actor));
                 self.handle(*command, now);
@@ -481,6 +493,7 @@ impl Core {
             return;
         }
         let Some(live) = self.tasks.remove(&id) else { return };
+        self.held.release(&live.parents);
         self.payload_bytes = self.payload_bytes.saturating_sub(live.payload_bytes());
         self.recent.remember(&live.task);
         if !live.dependents.is_empty() {

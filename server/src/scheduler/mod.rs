@@ -151,6 +151,14 @@ pub(crate) enum Command {
         record: TokenRecord,
         reply: Reply<()>,
     },
+    /// Removes the finished tasks (each group a workflow or one task) and
+    /// the events the compactor found past retention, except what must
+    /// stay (see `engine::retention`).
+    Expire {
+        groups: Vec<Vec<crate::store::Removal>>,
+        events_through: Option<u64>,
+        reply: Reply<engine::retention::Expired>,
+    },
     /// `command` on behalf of a named caller: the events it causes, and a
     /// submitted task, record the name.
     Acting {

@@ -21,6 +21,7 @@ use crate::store::{SledStore, Store};
 
 mod budgets;
 mod lifecycle;
+mod retention;
 mod workflows;
 
 struct Harness {

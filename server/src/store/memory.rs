@@ -1,12 +1,14 @@
 //! An in-memory [`Store`] with the same semantics as sled, minus
 //! durability: a second implementation that keeps the trait honest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::verify::Checker;
 use super::{RecordCounts, Store, StoreError, VerifyReport, Write};
-use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId};
+use crate::model::{
+    AgentId, AgentRecord, AttemptLog, Millis, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId,
+};
 
 /// A [`Store`] that lives and dies with the process.
 #[derive(Debug, Default)]
@@ -25,6 +27,8 @@ struct Inner {
     tokens: BTreeMap<String, TokenRecord>,
     workflows: BTreeMap<(WorkflowId, TaskId), ()>,
     logs: BTreeMap<(TaskId, u32), AttemptLog>,
+    finished: BTreeSet<(Millis, TaskId)>,
+    compacted_through: u64,
 }
 
 impl MemoryStore {
@@ -48,6 +52,7 @@ impl Store for MemoryStore {
                 Write::Task(task) => {
                     if task.state.is_terminal() {
                         inner.unfinished.remove(&task.id);
+                        inner.finished.insert((task.updated_at, task.id));
                     } else {
                         inner.unfinished.insert(task.id, ());
                     }
@@ -74,6 +79,27 @@ impl Store for MemoryStore {
                 Write::Token(token) => {
                     inner.tokens.insert(token.name.clone(), token.clone());
                 }
+                Write::Reopen { id, finished_at } => {
+                    inner.finished.remove(&(*finished_at, *id));
+                }
+                Write::Remove(removal) => {
+                    let id = removal.id;
+                    inner.tasks.remove(&id);
+                    inner.unfinished.remove(&id);
+                    inner.finished.remove(&(removal.finished_at, id));
+                    if let Some(k) = &removal.idempotency_key {
+                        inner.keys.remove(k);
+                    }
+                    if let Some(workflow) = removal.workflow {
+                        inner.workflows.remove(&(workflow, id));
+                    }
+                    inner.logs.retain(|(task, _), _| *task != id);
+                }
+                Write::CompactEvents { through } => {
+                    let kept = inner.events.split_off(&through.saturating_add(1));
+                    inner.events = kept;
+                    inner.compacted_through = inner.compacted_through.max(*through);
+                }
             }
         }
         Ok(())
@@ -95,6 +121,7 @@ impl Store for MemoryStore {
             idempotency_keys: n(inner.keys.len()),
             workflow_entries: n(inner.workflows.len()),
             unfinished_entries: n(inner.unfinished.len()),
+            finished_entries: n(inner.finished.len()),
             logs: n(inner.logs.len()),
         })
     }
@@ -131,7 +158,29 @@ impl Store for MemoryStore {
     }
 
     fn last_sequence(&self) -> Result<u64, StoreError> {
-        Ok(self.lock().events.keys().next_back().copied().unwrap_or(0))
+        let inner = self.lock();
+        Ok(inner.events.keys().next_back().copied().unwrap_or(inner.compacted_through))
+    }
+
+    fn compacted_through(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().compacted_through)
+    }
+
+    fn events_cut(&self, until: Millis, max_records: usize) -> Result<Option<u64>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.events.values().take(max_records).take_while(|e| e.at <= until).map(|e| e.sequence).last())
+    }
+
+    fn finished_tasks(
+        &self,
+        until: Millis,
+        after: Option<(Millis, TaskId)>,
+        limit: usize,
+    ) -> Result<Vec<(Millis, TaskId)>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let inner = self.lock();
+        let lower = after.map_or(Unbounded, Excluded);
+        Ok(inner.finished.range((lower, Unbounded)).take_while(|(at, _)| *at <= until).take(limit).copied().collect())
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
@@ -164,6 +213,17 @@ impl Store for MemoryStore {
         Ok(self.lock().logs.get(&(task, attempt)).cloned())
     }
 
+    fn logs_after(&self, after: Option<(TaskId, u32)>, limit: usize) -> Result<Vec<AttemptLog>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let inner = self.lock();
+        Ok(inner
+            .logs
+            .range((after.map_or(Unbounded, Excluded), Unbounded))
+            .map(|(_, l)| l.clone())
+            .take(limit)
+            .collect())
+    }
+
     fn verify(&self) -> Result<VerifyReport, StoreError> {
         let inner = self.lock();
         let mut checker = Checker::new();
@@ -194,6 +254,11 @@ impl Store for MemoryStore {
         for ((task, attempt), log) in &inner.logs {
             checker.log(*task, *attempt, Ok(log.clone()));
         }
+        for (at, task) in &inner.finished {
+            checker.finished_entry(*at, *task);
+        }
+        checker.finished_index_complete();
+        checker.compacted_through(inner.compacted_through);
         Ok(checker.finish())
     }
 }

@@ -31,7 +31,9 @@ pub use verify::{MAX_LISTED_PROBLEMS, Problem, ProblemKind, RecordCounts, Verify
 
 pub use crate::error::StoreError;
 
-use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId};
+use crate::model::{
+    AgentId, AgentRecord, AttemptLog, Millis, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId,
+};
 
 /// One durable change. A batch of writes is applied atomically.
 // Writes are moved once into a batch and consumed by the writer; boxing the
@@ -51,6 +53,50 @@ pub enum Write {
     Queue(QueueRecord),
     /// Insert or replace a token.
     Token(TokenRecord),
+    /// A finished task runs again (it was retried): its entry in the
+    /// finished index, under the time it finished, goes.
+    Reopen {
+        /// The task.
+        id: TaskId,
+        /// When it had finished.
+        finished_at: Millis,
+    },
+    /// Remove a finished task past retention with everything that belongs
+    /// to it: its index entries and its attempt logs.
+    Remove(Removal),
+    /// Remove the event records that end at or before `through` (the
+    /// caller picks a `through` that ends a record), and remember that the
+    /// log now starts after it.
+    CompactEvents {
+        /// The last sequence removed.
+        through: u64,
+    },
+}
+
+/// A finished task to remove, with what names it in the indexes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removal {
+    /// The task.
+    pub id: TaskId,
+    /// When it finished: its key in the finished index.
+    pub finished_at: Millis,
+    /// Its idempotency key, which goes too (the scheduler clears it when
+    /// the key no longer names this task).
+    pub idempotency_key: Option<String>,
+    /// Its workflow, whose index entry goes.
+    pub workflow: Option<WorkflowId>,
+}
+
+impl Removal {
+    /// The removal of `task`.
+    pub fn of(task: &Task) -> Self {
+        Self {
+            id: task.id,
+            finished_at: task.updated_at,
+            idempotency_key: task.spec.idempotency_key.clone(),
+            workflow: task.workflow,
+        }
+    }
 }
 
 /// Event sequence numbers start after this origin, which no event carries:
@@ -73,9 +119,26 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn unfinished_tasks(&self) -> Result<Vec<Task>, StoreError>;
     /// Up to `limit` events with sequence greater than `after`, in order.
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError>;
-    /// The greatest event sequence stored (0 when none; see
-    /// [`SEQUENCE_ORIGIN`]).
+    /// The greatest event sequence given out: of the last event stored, or
+    /// the last compacted away when none is left (0 when there never was
+    /// one; see [`SEQUENCE_ORIGIN`]).
     fn last_sequence(&self) -> Result<u64, StoreError>;
+    /// The last sequence compacted away (0 when none was): the log holds
+    /// only events after it.
+    fn compacted_through(&self) -> Result<u64, StoreError>;
+    /// Where the event log can be cut so that it drops only events at or
+    /// before `until` (milliseconds): the last sequence of the last of at
+    /// most `max_records` whole records from the start that hold nothing
+    /// later. `None` when the first record already holds a later event.
+    fn events_cut(&self, until: Millis, max_records: usize) -> Result<Option<u64>, StoreError>;
+    /// Up to `limit` entries of the finished index, `(finished_at, task)`,
+    /// that finished at or before `until`, after `after`, oldest first.
+    fn finished_tasks(
+        &self,
+        until: Millis,
+        after: Option<(Millis, TaskId)>,
+        limit: usize,
+    ) -> Result<Vec<(Millis, TaskId)>, StoreError>;
     /// Every registered agent.
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Every idempotency key with its task.
@@ -92,6 +155,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError>;
     /// The log of one attempt.
     fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError>;
+    /// Up to `limit` attempt logs after `after` (task, attempt), in order.
+    fn logs_after(&self, after: Option<(TaskId, u32)>, limit: usize) -> Result<Vec<AttemptLog>, StoreError>;
     /// Reads every record and reports what does not decode and where the
     /// indexes and the event log disagree with the records (see
     /// [`VerifyReport`]). An error means the store could not be read at

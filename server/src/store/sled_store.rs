@@ -4,7 +4,10 @@
 //! Keys: `t`+id → task, `u`+id → unfinished marker, `e`+seq → the events
 //! of one batch from that sequence on (at most `EVENTS_PER_RECORD`),
 //! `a`+id → agent, `k`+key → task id, `q`+name → queue settings, `c`+name → token,
-//! `w`+workflow id+task id → workflow membership.
+//! `w`+workflow id+task id → workflow membership, `f`+finished-at (ms,
+//! big-endian)+task id → finished index (for retention, oldest first),
+//! `m`+name → store metadata (`event-floor`: the last sequence compacted
+//! away; `finished-index`: the finished index is complete).
 //!
 //! Attempt logs live in a second tree, `logs` (task id + attempt → log),
 //! so their larger records never share leaves with the task records the
@@ -15,8 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::verify::Checker;
-use super::{RecordCounts, Store, StoreError, VerifyReport, Write, decode, encode};
-use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId};
+use super::{RecordCounts, Removal, Store, StoreError, VerifyReport, Write, decode, encode};
+use crate::model::{
+    AgentId, AgentRecord, AttemptLog, Millis, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId,
+};
 
 const TASK: u8 = b't';
 const UNFINISHED: u8 = b'u';
@@ -33,6 +38,10 @@ const QUEUE: u8 = b'q';
 pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
 const WORKFLOW: u8 = b'w';
 const TOKEN: u8 = b'c';
+const FINISHED: u8 = b'f';
+const META: u8 = b'm';
+const EVENT_FLOOR: &[u8] = b"event-floor";
+const FINISHED_INDEX: &[u8] = b"finished-index";
 
 /// A sled-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -65,6 +74,26 @@ fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + id.len());
     k.push(prefix);
     k.extend_from_slice(id);
+    k
+}
+
+fn finished_key(finished_at: Millis, id: TaskId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(FINISHED);
+    k.extend_from_slice(&finished_at.to_be_bytes());
+    k.extend_from_slice(&id.to_bytes());
+    k
+}
+
+fn parse_finished_key(rest: &[u8]) -> Option<(Millis, TaskId)> {
+    let at = Millis::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let id: [u8; 16] = rest.get(8..)?.try_into().ok()?;
+    Some((at, TaskId::from_bytes(id)))
+}
+
+fn workflow_key(workflow: WorkflowId, task: TaskId) -> Vec<u8> {
+    let mut k = key(WORKFLOW, &workflow.to_bytes());
+    k.extend_from_slice(&task.to_bytes());
     k
 }
 
@@ -113,6 +142,44 @@ impl SledStore {
         flush_every: Option<std::time::Duration>,
         cache_bytes: u64,
     ) -> Result<Self, StoreError> {
+        let store = Self::open_raw(dir, flush_every, cache_bytes)?;
+        store.index_finished()?;
+        Ok(store)
+    }
+
+    /// Builds the finished index of a store written before there was one:
+    /// an entry for every finished task, then the mark that it is complete.
+    fn index_finished(&self) -> Result<(), StoreError> {
+        if self.tree.contains_key(key(META, FINISHED_INDEX)).map_err(engine)? {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for item in self.tree.scan_prefix([TASK]) {
+            let (_, v) = item.map_err(engine)?;
+            // An undecodable record is for verify to report.
+            if let Ok(task) = decode::<Task>(&v)
+                && task.state.is_terminal()
+            {
+                batch.insert(finished_key(task.updated_at, task.id), &[][..]);
+            }
+        }
+        batch.insert(key(META, FINISHED_INDEX), &[][..]);
+        self.tree.apply_batch(batch).map_err(|e| self.failure(e))?;
+        self.flush()
+    }
+
+    fn meta_u64(&self, name: &[u8]) -> Result<u64, StoreError> {
+        match self.tree.get(key(META, name)).map_err(engine)? {
+            Some(v) => {
+                let bytes: [u8; 8] =
+                    v.as_ref().try_into().map_err(|_| StoreError::Codec("bad metadata value".into()))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn open_raw(dir: &Path, flush_every: Option<std::time::Duration>, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -138,7 +205,7 @@ impl SledStore {
         if !dir.join("db").is_file() || !dir.join("conf").is_file() {
             return Err(StoreError::Unavailable(format!("{shown} holds no muster store")));
         }
-        Self::open_with_cache(dir, None, 16 << 20).map_err(|e| match e {
+        Self::open_raw(dir, None, 16 << 20).map_err(|e| match e {
             StoreError::Engine(message) if message.contains("could not acquire lock") => StoreError::Unavailable(
                 format!("the store in {shown} is in use by another process (is a server running on it?)"),
             ),
@@ -150,6 +217,28 @@ impl SledStore {
     fn failure(&self, e: sled::Error) -> StoreError {
         self.failed.store(true, Ordering::SeqCst);
         engine(e)
+    }
+
+    /// Adds the removal of a finished task to `batch`; its attempt logs,
+    /// in their own tree, go at once (a task left without its logs by a
+    /// crash here is removed again by the next pass).
+    fn remove_task(&self, batch: &mut sled::Batch, removal: &Removal) -> Result<(), StoreError> {
+        let id = removal.id.to_bytes();
+        let mut logs = sled::Batch::default();
+        for k in self.logs.scan_prefix(id).keys() {
+            logs.remove(k.map_err(engine)?);
+        }
+        self.logs.apply_batch(logs).map_err(|e| self.failure(e))?;
+        batch.remove(key(TASK, &id));
+        batch.remove(key(UNFINISHED, &id));
+        batch.remove(finished_key(removal.finished_at, removal.id));
+        if let Some(k) = &removal.idempotency_key {
+            batch.remove(key(IDEMPOTENCY, k.as_bytes()));
+        }
+        if let Some(workflow) = removal.workflow {
+            batch.remove(workflow_key(workflow, removal.id));
+        }
+        Ok(())
     }
 
     fn scan_prefix<T>(
@@ -178,6 +267,7 @@ impl Store for SledStore {
                     batch.insert(key(TASK, &id), encode(task)?);
                     if task.state.is_terminal() {
                         batch.remove(key(UNFINISHED, &id));
+                        batch.insert(finished_key(task.updated_at, task.id), &[][..]);
                     } else {
                         batch.insert(key(UNFINISHED, &id), &[][..]);
                     }
@@ -185,10 +275,18 @@ impl Store for SledStore {
                         batch.insert(key(IDEMPOTENCY, k.as_bytes()), &id[..]);
                     }
                     if let Some(workflow) = task.workflow {
-                        let mut member = key(WORKFLOW, &workflow.to_bytes());
-                        member.extend_from_slice(&id);
-                        batch.insert(member, &[][..]);
+                        batch.insert(workflow_key(workflow, task.id), &[][..]);
                     }
+                }
+                Write::Reopen { id, finished_at } => batch.remove(finished_key(*finished_at, *id)),
+                Write::Remove(removal) => self.remove_task(&mut batch, removal)?,
+                Write::CompactEvents { through } => {
+                    let end = key(EVENT, &through.to_be_bytes());
+                    for k in self.tree.range(vec![EVENT]..=end).keys() {
+                        batch.remove(k.map_err(engine)?);
+                    }
+                    let floor = self.meta_u64(EVENT_FLOOR)?.max(*through);
+                    batch.insert(key(META, EVENT_FLOOR), &floor.to_be_bytes()[..]);
                 }
                 Write::Queue(queue) => batch.insert(key(QUEUE, queue.name.as_bytes()), encode(queue)?),
                 Write::Token(token) => batch.insert(key(TOKEN, token.name.as_bytes()), encode(token)?),
@@ -229,6 +327,7 @@ impl Store for SledStore {
             idempotency_keys: keys(IDEMPOTENCY)?,
             workflow_entries: keys(WORKFLOW)?,
             unfinished_entries: keys(UNFINISHED)?,
+            finished_entries: keys(FINISHED)?,
             logs: self.logs.iter().keys().try_fold(0, |n, k| k.map(|_| n + 1).map_err(engine))?,
         })
     }
@@ -305,8 +404,49 @@ impl Store for SledStore {
                 let (_, v) = item.map_err(engine)?;
                 Ok(decode_events(&v)?.iter().map(|e| e.sequence).max().unwrap_or(0))
             }
-            None => Ok(0),
+            None => self.compacted_through(),
         }
+    }
+
+    fn compacted_through(&self) -> Result<u64, StoreError> {
+        self.meta_u64(EVENT_FLOOR)
+    }
+
+    fn events_cut(&self, until: Millis, max_records: usize) -> Result<Option<u64>, StoreError> {
+        let mut cut = None;
+        for item in self.tree.scan_prefix([EVENT]).take(max_records) {
+            let (_, v) = item.map_err(engine)?;
+            let events = decode_events(&v)?;
+            if events.iter().any(|e| e.at > until) {
+                break;
+            }
+            cut = events.iter().map(|e| e.sequence).max().or(cut);
+        }
+        Ok(cut)
+    }
+
+    fn finished_tasks(
+        &self,
+        until: Millis,
+        after: Option<(Millis, TaskId)>,
+        limit: usize,
+    ) -> Result<Vec<(Millis, TaskId)>, StoreError> {
+        let start = match after {
+            Some((at, id)) => {
+                let mut k = finished_key(at, id);
+                k.push(0);
+                k
+            }
+            None => vec![FINISHED],
+        };
+        // Every key of a task that finished at `until` sorts before this.
+        let end = key(FINISHED, &until.saturating_add(1).to_be_bytes());
+        let mut out = Vec::new();
+        for k in self.tree.range(start..end).keys().take(limit) {
+            let k = k.map_err(engine)?;
+            out.push(parse_finished_key(&k[1..]).ok_or_else(|| StoreError::Codec("bad finished key".into()))?);
+        }
+        Ok(out)
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
@@ -353,6 +493,16 @@ impl Store for SledStore {
         self.logs.get(log_key(task, attempt)).map_err(engine)?.map(|v| decode(&v)).transpose()
     }
 
+    fn logs_after(&self, after: Option<(TaskId, u32)>, limit: usize) -> Result<Vec<AttemptLog>, StoreError> {
+        let range = match after {
+            Some((task, attempt)) => self
+                .logs
+                .range((std::ops::Bound::Excluded(log_key(task, attempt).to_vec()), std::ops::Bound::Unbounded)),
+            None => self.logs.iter(),
+        };
+        range.values().take(limit).map(|v| decode(&v.map_err(engine)?)).collect()
+    }
+
     fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut checker = Checker::new();
         // Keys sort by keyspace, and events by sequence within theirs.
@@ -392,6 +542,18 @@ impl Store for SledStore {
                         let keyspace = if prefix == QUEUE { "queue" } else { "token" };
                         checker.bad_key(keyspace, rest, "the name is not UTF-8")
                     }
+                },
+                FINISHED => match parse_finished_key(rest).filter(|_| rest.len() == 24) {
+                    Some((at, id)) => checker.finished_entry(at, id),
+                    None => checker.bad_key("finished", rest, "not a time and a task id"),
+                },
+                META => match rest {
+                    EVENT_FLOOR => match <[u8; 8]>::try_from(v.as_ref()) {
+                        Ok(floor) => checker.compacted_through(u64::from_be_bytes(floor)),
+                        Err(_) => checker.bad_key("meta", rest, "the event floor is not a sequence"),
+                    },
+                    FINISHED_INDEX => checker.finished_index_complete(),
+                    _ => checker.unknown_key(&k),
                 },
                 WORKFLOW => match (rest.get(..16), rest.get(16..)) {
                     (Some(workflow), Some(task)) if rest.len() == 32 => {
@@ -444,12 +606,6 @@ mod tests {
     use crate::model::TaskState;
     use crate::store::verify::tests::{fill, kinds};
     use crate::store::{ProblemKind, test_event, test_task_in};
-
-    fn workflow_key(workflow: WorkflowId, task: TaskId) -> Vec<u8> {
-        let mut k = key(WORKFLOW, &workflow.to_bytes());
-        k.extend_from_slice(&task.to_bytes());
-        k
-    }
 
     #[test]
     fn records_that_do_not_decode_are_reported_with_their_keys() -> Result<(), Box<dyn std::error::Error>> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ulid::Ulid;
 
-use super::{MemoryStore, RecordCounts, SledStore, Store, Write};
+use super::{MemoryStore, RecordCounts, Removal, SledStore, Store, Write};
 use crate::model::*;
 
 pub(crate) fn make_task(state: TaskState, key: Option<&str>) -> Task {
@@ -153,6 +153,7 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
         idempotency_keys: 1,
         workflow_entries: 1,
         unfinished_entries: 2,
+        finished_entries: 1,
         logs: 1,
     };
     assert_eq!(store.record_counts()?, counts);
@@ -162,9 +163,92 @@ fn run_suite(store: &dyn Store) -> Result<(), super::StoreError> {
     Ok(())
 }
 
+/// Retention's part: the finished index, removal with everything that
+/// belongs to a task, and cutting the event log.
+fn run_retention_suite(store: &dyn Store) -> Result<(), Box<dyn std::error::Error>> {
+    let finished = |at: Millis, key: Option<&str>, workflow: Option<WorkflowId>| Task {
+        updated_at: at,
+        workflow,
+        ..make_task(TaskState::Succeeded, key)
+    };
+    let workflow = WorkflowId(Ulid::new());
+    let (a, b, c) = (finished(10, Some("ka"), None), finished(20, None, Some(workflow)), finished(30, None, None));
+    let open = make_task(TaskState::Queued, Some("kq"));
+    let mut writes = vec![Write::Task(a.clone()), Write::Task(b.clone()), Write::Task(c.clone()), Write::Task(open)];
+    for sequence in 2..=40 {
+        let at = if sequence <= 30 { 10 } else { 50 };
+        writes.push(Write::Event(TaskEvent { at, ..make_event(sequence, &a) }));
+    }
+    store.write(&writes)?;
+    let log = |task: &Task, attempt| AttemptLog {
+        task_id: task.id,
+        attempt,
+        lines: Vec::new(),
+        dropped: 0,
+        next_position: 0,
+    };
+    for l in [log(&a, 1), log(&a, 2), log(&b, 1)] {
+        store.put_log(&l)?;
+    }
+    let logged: Vec<(TaskId, u32)> = store.logs_after(None, 10)?.iter().map(|l| (l.task_id, l.attempt)).collect();
+    assert_eq!(logged.len(), 3);
+    assert_eq!(store.logs_after(Some(logged[0]), 10)?.len(), 2);
+
+    // The finished index, oldest first, up to a time, from a cursor.
+    assert_eq!(store.finished_tasks(25, None, 10)?, [(10, a.id), (20, b.id)]);
+    assert_eq!(store.finished_tasks(30, Some((10, a.id)), 1)?, [(20, b.id)]);
+    assert_eq!(store.finished_tasks(5, None, 10)?, []);
+
+    // A retried task leaves the index.
+    let mut reopened = c.clone();
+    reopened.state = TaskState::Queued;
+    store.write(&[Write::Reopen { id: c.id, finished_at: 30 }, Write::Task(reopened)])?;
+    assert_eq!(store.finished_tasks(100, None, 10)?.len(), 2);
+
+    // The event log is cut at whole records holding nothing later.
+    let cut = store.events_cut(10, 1000)?.ok_or("no cut")?;
+    assert!((2..=30).contains(&cut), "{cut}");
+    assert_eq!(store.events_cut(5, 1000)?, None);
+    assert_eq!(store.compacted_through()?, 0);
+    store.write(&[Write::CompactEvents { through: cut }])?;
+    assert_eq!(store.compacted_through()?, cut);
+    assert_eq!(store.events_after(0, 100)?.first().map(|e| e.sequence), Some(cut + 1));
+    assert_eq!(store.last_sequence()?, 40);
+
+    store.write(&[Write::Remove(Removal::of(&a)), Write::Remove(Removal::of(&b))])?;
+    assert_eq!(store.task(a.id)?, None);
+    assert_eq!(store.log(a.id, 2)?, None);
+    assert!(store.logs_after(None, 10)?.is_empty(), "every log of both tasks went");
+    assert!(store.idempotency_keys()?.iter().all(|(k, _)| k != "ka"));
+    assert!(store.workflow_tasks(workflow)?.is_empty());
+    assert!(store.finished_tasks(100, None, 10)?.is_empty());
+
+    // With every event cut, the last sequence given out is still known.
+    store.write(&[Write::CompactEvents { through: 40 }])?;
+    assert!(store.events_after(0, 100)?.is_empty());
+    assert_eq!(store.last_sequence()?, 40);
+    let report = store.verify()?;
+    assert!(report.is_clean(), "{report:#?}");
+    Ok(())
+}
+
 #[test]
-fn memory_store_passes_the_suite() -> Result<(), super::StoreError> {
-    run_suite(&MemoryStore::new())
+fn memory_store_passes_the_suite() -> Result<(), Box<dyn std::error::Error>> {
+    run_suite(&MemoryStore::new())?;
+    run_retention_suite(&MemoryStore::new())?;
+    Ok(())
+}
+
+#[test]
+fn sled_store_passes_the_retention_suite_and_keeps_its_compaction_point() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    {
+        let store = SledStore::open(dir.path(), None)?;
+        run_retention_suite(&store)?;
+    }
+    let store = SledStore::open(dir.path(), None)?;
+    assert_eq!((store.compacted_through()?, store.last_sequence()?), (40, 40));
+    Ok(())
 }
 
 #[test]

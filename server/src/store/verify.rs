@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 
 use super::{SEQUENCE_ORIGIN, StoreError};
-use crate::model::{AgentId, AgentRecord, AttemptLog, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId};
+use crate::model::{
+    AgentId, AgentRecord, AttemptLog, Millis, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId,
+};
 
 /// Problems a report lists; the rest are only counted.
 pub const MAX_LISTED_PROBLEMS: usize = 100;
@@ -33,6 +35,9 @@ pub struct RecordCounts {
     pub workflow_entries: u64,
     /// Unfinished-task index entries.
     pub unfinished_entries: u64,
+    /// Finished-task index entries.
+    #[serde(default)]
+    pub finished_entries: u64,
     /// Attempt logs.
     pub logs: u64,
 }
@@ -40,7 +45,7 @@ pub struct RecordCounts {
 impl RecordCounts {
     /// Every kind with its count, always all of them and in this order; the
     /// names are the `kind` label of `muster_store_records`.
-    pub fn by_kind(&self) -> [(&'static str, u64); 9] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 10] {
         [
             ("task", self.tasks),
             ("event", self.events),
@@ -50,6 +55,7 @@ impl RecordCounts {
             ("idempotency_key", self.idempotency_keys),
             ("workflow_index", self.workflow_entries),
             ("unfinished_index", self.unfinished_entries),
+            ("finished_index", self.finished_entries),
             ("log_tail", self.logs),
         ]
     }
@@ -77,6 +83,11 @@ pub enum ProblemKind {
     MissingWorkflowEntry,
     /// A workflow-index entry whose task is missing or in another workflow.
     StrayWorkflowEntry,
+    /// A finished task is missing from the finished index.
+    MissingFinished,
+    /// A finished-index entry for an unfinished or missing task, or under
+    /// another time than the task finished at.
+    StrayFinished,
     /// Event sequences are missing.
     EventGap,
     /// An event's sequence does not follow the one before it.
@@ -100,6 +111,8 @@ impl ProblemKind {
             Self::StrayIdempotencyKey => "stray_idempotency_key",
             Self::MissingWorkflowEntry => "missing_workflow_entry",
             Self::StrayWorkflowEntry => "stray_workflow_entry",
+            Self::MissingFinished => "missing_finished",
+            Self::StrayFinished => "stray_finished",
             Self::EventGap => "event_gap",
             Self::EventOrder => "event_order",
             Self::EventTaskMissing => "event_task_missing",
@@ -146,6 +159,7 @@ impl VerifyReport {
 #[derive(Debug)]
 struct TaskFacts {
     terminal: bool,
+    updated_at: Millis,
     state: crate::model::TaskState,
     key: Option<String>,
     workflow: Option<WorkflowId>,
@@ -164,6 +178,15 @@ pub(crate) struct Checker {
     unfinished: BTreeSet<TaskId>,
     keys: BTreeMap<String, TaskId>,
     workflows: BTreeSet<(WorkflowId, TaskId)>,
+    finished: BTreeSet<(Millis, TaskId)>,
+    /// Whether the store keeps a finished index (stores written before
+    /// there was one have it built when a server opens them).
+    finished_index: bool,
+    /// The last sequence compacted away.
+    compacted_through: u64,
+    /// The first event found, checked against `compacted_through` at the
+    /// end (the store's metadata may come after its events).
+    first_sequence: Option<u64>,
     last_sequence: Option<u64>,
     /// Each task events name, with the first sequence naming it.
     event_tasks: BTreeMap<TaskId, u64>,
@@ -220,6 +243,7 @@ impl Checker {
                 }
                 let facts = TaskFacts {
                     terminal: task.state.is_terminal(),
+                    updated_at: task.updated_at,
                     state: task.state,
                     key: task.spec.idempotency_key,
                     workflow: task.workflow,
@@ -258,6 +282,22 @@ impl Checker {
         self.workflows.insert((workflow, task));
     }
 
+    /// A finished-index entry.
+    pub(crate) fn finished_entry(&mut self, finished_at: Millis, task: TaskId) {
+        self.report.records.finished_entries += 1;
+        self.finished.insert((finished_at, task));
+    }
+
+    /// The store keeps a complete finished index.
+    pub(crate) fn finished_index_complete(&mut self) {
+        self.finished_index = true;
+    }
+
+    /// The last sequence the store compacted away.
+    pub(crate) fn compacted_through(&mut self, sequence: u64) {
+        self.compacted_through = sequence;
+    }
+
     /// An event record stored under `first` (a single event is a record of
     /// one). Records come in sequence order.
     pub(crate) fn events(&mut self, first: u64, record: Result<Vec<TaskEvent>, StoreError>) {
@@ -277,13 +317,7 @@ impl Checker {
             self.report.records.events += 1;
             let sequence = event.sequence;
             match self.last_sequence {
-                // Nothing is compacted away yet: the log starts just after
-                // the origin (at the origin itself in stores written before
-                // there was one).
-                None if sequence == 0 || sequence > SEQUENCE_ORIGIN + 1 => {
-                    let detail = format!("the first event is {sequence}; the log starts at {}", SEQUENCE_ORIGIN + 1);
-                    self.problem(ProblemKind::EventGap, event_key(sequence), detail);
-                }
+                None => self.first_sequence = Some(sequence),
                 Some(last) if sequence <= last => {
                     let detail = format!("follows sequence {last}");
                     self.problem(ProblemKind::EventOrder, event_key(sequence), detail);
@@ -360,6 +394,21 @@ impl Checker {
         let mut found = Vec::new();
         let mut note = |kind, key, detail: String| found.push((kind, key, detail));
 
+        // The log starts just after what was compacted away, or after the
+        // origin (at the origin itself in stores written before there was
+        // one).
+        if let Some(first) = self.first_sequence {
+            let expected = self.compacted_through.max(SEQUENCE_ORIGIN) + 1;
+            let from_origin = self.compacted_through == 0 && first == SEQUENCE_ORIGIN;
+            if first != expected && !from_origin {
+                let detail = match self.compacted_through {
+                    0 => format!("the first event is {first}; the log starts at {expected}"),
+                    through => format!("the first event is {first}; events up to {through} were compacted away"),
+                };
+                note(ProblemKind::EventGap, event_key(first), detail);
+            }
+        }
+
         // The unfinished index lists exactly the tasks that are not terminal.
         for &id in &self.unfinished {
             match self.tasks.get(&id) {
@@ -400,6 +449,33 @@ impl Checker {
             {
                 let detail = format!("workflow {workflow} does not index it");
                 note(ProblemKind::MissingWorkflowEntry, task_key(id), detail);
+            }
+        }
+
+        // The finished index lists exactly the finished tasks, each under
+        // the time it finished.
+        if self.finished_index {
+            for &(at, id) in &self.finished {
+                let entry = format!("finished/{at}/{id}");
+                match self.tasks.get(&id) {
+                    Some(facts) if facts.terminal && facts.updated_at == at => {}
+                    Some(facts) if facts.terminal => {
+                        note(ProblemKind::StrayFinished, entry, format!("the task finished at {}", facts.updated_at))
+                    }
+                    Some(facts) => note(ProblemKind::StrayFinished, entry, format!("task is {:?}", facts.state)),
+                    None if !self.undecodable_tasks.contains(&id) => {
+                        note(ProblemKind::StrayFinished, entry, "no such task".into())
+                    }
+                    None => {}
+                }
+            }
+            let mut ids: Vec<(&TaskId, &TaskFacts)> = self.tasks.iter().filter(|(_, f)| f.terminal).collect();
+            ids.sort_by_key(|(id, _)| **id);
+            for (&id, facts) in ids {
+                if !self.finished.contains(&(facts.updated_at, id)) {
+                    let detail = format!("task is {:?} but not in the finished index", facts.state);
+                    note(ProblemKind::MissingFinished, task_key(id), detail);
+                }
             }
         }
 
@@ -497,6 +573,7 @@ pub(super) mod tests {
                 idempotency_keys: 1,
                 workflow_entries: 1,
                 unfinished_entries: 1,
+                finished_entries: 1,
                 logs: 1,
                 ..RecordCounts::default()
             };

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::model::*;
 use crate::scheduler::ToAgent;
 use crate::scheduler::timers::{Timer, later};
+use crate::store::Write;
 
 /// Attempt records kept per task.
 const MAX_ATTEMPT_HISTORY: usize = 100;
@@ -423,6 +424,8 @@ impl Core {
         let mut live = Live::new(task);
         self.admit(1, live.payload_bytes())?;
         self.recent.forget(id);
+        self.reopened.insert(id);
+        self.journal.write(Write::Reopen { id, finished_at: live.task.updated_at });
         live.task.attempt_base = live.task.attempt;
         live.task.cancel_requested = false;
         live.task.failure = None;

@@ -224,6 +224,9 @@ impl Core {
         let task = Task::new(id, spec, workflow, self.journal.actor(), now_ms);
         let mut live = Live::new(task);
         live.waiting = waiting;
+        for parent in &parents {
+            self.held.hold(parent.task_id);
+        }
         live.parents = parents;
         if waiting == 0 {
             self.make_ready(&mut live, now);
@@ -275,6 +278,7 @@ impl Core {
             return;
         }
         live.waiting -= 1;
+        self.held.hold(output.task_id);
         live.parents.push(output);
         if live.waiting > 0 {
             return;
@@ -326,6 +330,7 @@ impl Core {
             match self.store.task(dep)? {
                 Some(parent) if parent.state == TaskState::Succeeded => {
                     if let Some(live) = self.tasks.get_mut(&id) {
+                        self.held.hold(parent.id);
                         live.parents.push(parent_output(&parent));
                     }
                 }

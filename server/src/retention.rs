@@ -1,0 +1,185 @@
+//! Retention: finished tasks older than `retention.finished_tasks` go with
+//! everything that belongs to them, and so do the events of that age.
+//!
+//! The compactor reads candidates from the store off the async threads, in
+//! small passes ([`plan`]), and hands each pass to the scheduler as one
+//! `Expire` command; the scheduler drops what must stay (a task retried
+//! meanwhile, one an unfinished task depends on) and its removal writes go
+//! through the writer like any other. Passes follow each other closely
+//! while there is a backlog (after a restart, say) and every
+//! [`pass_interval`] otherwise.
+//!
+//! Invariants:
+//! - A task goes only once its events are gone, so no event ever names a
+//!   task that is not stored.
+//! - A workflow goes whole, once its last task is past retention.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::model::{Millis, TaskId};
+use crate::scheduler::engine::Clock;
+use crate::scheduler::{Command, CoreHandle};
+use crate::store::{Removal, Store, StoreError};
+
+/// Finished-index entries read per pass.
+pub(crate) const PASS_TASKS: usize = 256;
+/// Event records (of up to 16 events) cut per pass.
+pub(crate) const PASS_EVENT_RECORDS: usize = 256;
+/// The pause between passes while there is a backlog: the writer serves
+/// other work between them.
+const BACKLOG_PAUSE: Duration = Duration::from_millis(20);
+
+/// How often retention looks for expired work when it has none: a tenth
+/// of the retention, between one second and a minute.
+pub(crate) fn pass_interval(retention: Duration) -> Duration {
+    (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// One pass: what to remove, and where the next one starts.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// Workflows and single tasks, each removed whole or not at all.
+    pub(crate) groups: Vec<Vec<Removal>>,
+    /// The event log is cut after this sequence.
+    pub(crate) events_through: Option<u64>,
+    /// Events the cut removes.
+    pub(crate) events: u64,
+    /// The finished index holds more expired entries after this pass.
+    pub(crate) more: bool,
+}
+
+/// Where a sweep of the finished index has got to: passes continue from
+/// it, past entries kept back, and start over once they reach the end.
+pub(crate) type Cursor = Option<(Millis, TaskId)>;
+
+/// Finds what finished (and what was logged) at or before `cutoff` and
+/// may go, from `cursor` on. Reads the store: call it off the async
+/// threads.
+pub(crate) fn plan(store: &dyn Store, cutoff: Millis, cursor: &mut Cursor) -> Result<Plan, StoreError> {
+    let compacted = store.compacted_through()?;
+    let events_through = store.events_cut(cutoff, PASS_EVENT_RECORDS)?.filter(|&through| through > compacted);
+    let floor = events_through.unwrap_or(compacted);
+    let entries = store.finished_tasks(cutoff, *cursor, PASS_TASKS)?;
+    let more = entries.len() == PASS_TASKS;
+    *cursor = if more { entries.last().copied() } else { None };
+
+    let gone =
+        |task: &crate::model::Task| task.state.is_terminal() && task.updated_at <= cutoff && task.sequence <= floor;
+    let mut workflows = HashSet::new();
+    let mut groups = Vec::new();
+    for (finished_at, id) in entries {
+        let Some(task) = store.task(id)? else { continue };
+        if task.updated_at != finished_at || !gone(&task) {
+            continue;
+        }
+        match task.workflow {
+            None => groups.push(vec![Removal::of(&task)]),
+            Some(workflow) if workflows.insert(workflow) => {
+                let mut group = Vec::new();
+                let mut whole = true;
+                for member in store.workflow_tasks(workflow)? {
+                    match store.task(member)? {
+                        Some(task) if gone(&task) => group.push(Removal::of(&task)),
+                        Some(_) => {
+                            whole = false;
+                            break;
+                        }
+                        None => {}
+                    }
+                }
+                if whole {
+                    groups.push(group);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    let events = events_through.map_or(0, |through| through - compacted);
+    Ok(Plan { groups, events_through, events, more })
+}
+
+/// Runs retention until `shutdown`: passes while there is a backlog, then
+/// one every [`pass_interval`]. `pause` is held during each pass; a
+/// backup holds it to keep what it copies in place. With a zero
+/// `retention` nothing expires, and only the oldest-sequence gauge is set.
+pub(crate) async fn run(
+    store: Arc<dyn Store>,
+    core: CoreHandle,
+    metrics: Arc<Metrics>,
+    retention: Duration,
+    pause: Arc<Mutex<()>>,
+    shutdown: CancellationToken,
+) {
+    let clock = Clock::new(Instant::now());
+    let mut oldest = store.compacted_through().unwrap_or(0) + 1;
+    metrics.observe_compaction(0, 0, oldest);
+    if retention.is_zero() {
+        return;
+    }
+    let retention_ms = Millis::try_from(retention.as_millis()).unwrap_or(Millis::MAX);
+    let mut cursor: Cursor = None;
+    let mut failing = false;
+    loop {
+        let backlog = {
+            let _pass = pause.lock().await;
+            let cutoff = clock.ms(Instant::now()).saturating_sub(retention_ms);
+            match pass(&store, &core, cutoff, &mut cursor).await {
+                Ok((removed, plan)) => {
+                    failing = false;
+                    if let Some(through) = plan.events_through {
+                        oldest = through + 1;
+                    }
+                    metrics.observe_compaction(removed, plan.events, oldest);
+                    if removed > 0 || plan.events > 0 {
+                        debug!(tasks = removed, events = plan.events, oldest, "retention pass");
+                    }
+                    plan.more || plan.events_through.is_some()
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, "retention pass failed; retrying");
+                    }
+                    failing = true;
+                    false
+                }
+            }
+        };
+        let wait = if backlog { BACKLOG_PAUSE } else { pass_interval(retention) };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One pass: the plan, read on a blocking thread, then the scheduler's
+/// expiry. Returns the tasks removed, with the plan.
+async fn pass(
+    store: &Arc<dyn Store>,
+    core: &CoreHandle,
+    cutoff: Millis,
+    cursor: &mut Cursor,
+) -> Result<(u64, Plan), crate::error::Error> {
+    let (store, mut moved) = (store.clone(), *cursor);
+    let (mut plan, next) =
+        tokio::task::spawn_blocking(move || plan(store.as_ref(), cutoff, &mut moved).map(|p| (p, moved)))
+            .await
+            .map_err(|e| crate::error::Error::Unavailable(format!("the retention pass panicked: {e}")))??;
+    *cursor = next;
+    if plan.groups.is_empty() && plan.events_through.is_none() {
+        return Ok((0, plan));
+    }
+    let groups = std::mem::take(&mut plan.groups);
+    let events_through = plan.events_through;
+    let expired = core.call(|reply| Command::Expire { groups, events_through, reply }).await?;
+    Ok((expired.tasks, plan))
+}
