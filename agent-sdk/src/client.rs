@@ -22,7 +22,28 @@ use crate::{
     TaskPage, TokenInfo, Workflow, proto,
 };
 
-/// Backoff between watch reconnects in [`Client::wait`].
+/// What [`Client::follow`] yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A task event, in sequence order.
+    Event(TaskEvent),
+    /// The events after the last one seen were removed by retention: the
+    /// [`Change::Current`] items that follow are every task the watch
+    /// covers as it is now (from a listing at `sequence`), and events go on
+    /// after `sequence`.
+    Resync {
+        /// The listing's sequence.
+        sequence: u64,
+    },
+    /// A task as it is now, after a [`Change::Resync`].
+    Current(Task),
+}
+
+/// Changes [`Client::follow`] holds for a slow reader.
+const FOLLOW_BUFFER: usize = 256;
+
+/// Backoff between watch reconnects in [`Client::wait`] and
+/// [`Client::follow`].
 const WATCH_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -134,6 +155,133 @@ impl Client {
     ) -> Result<BoxStream<'static, Result<TaskEvent, Error>>, Error> {
         let stream = self.tasks.clone().watch_tasks(request).await?.into_inner();
         Ok(stream.map_ok(TaskEvent::from).map_err(Error::Status).boxed())
+    }
+
+    /// Follows task events matching `request` for as long as the caller
+    /// reads, through broken connections, server restarts and retention:
+    /// a watch that breaks is reopened after the last event seen (with
+    /// backoff while the failure looks transient), and one whose next
+    /// events were removed by retention (`OUT_OF_RANGE`) re-lists the
+    /// matching tasks, yields [`Change::Resync`] and each of them as it is
+    /// now ([`Change::Current`]), then continues with the events after the
+    /// listing, so no change is missed. The stream ends with the first
+    /// error that is not transient.
+    ///
+    /// `after_sequence` and `from_start` say where to begin, as for
+    /// [`watch`](Self::watch); with neither, it begins now.
+    pub fn follow(&self, request: proto::WatchTasksRequest) -> BoxStream<'static, Result<Change, Error>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(FOLLOW_BUFFER);
+        let client = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = client.follow_into(request, &tx).await {
+                let _ = tx.send(Err(err)).await;
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+    }
+
+    /// [`follow`](Self::follow)'s loop; returns when the reader went away
+    /// (Ok) or on an error that is not transient.
+    async fn follow_into(
+        &self,
+        mut request: proto::WatchTasksRequest,
+        tx: &tokio::sync::mpsc::Sender<Result<Change, Error>>,
+    ) -> Result<(), Error> {
+        // Pin "now" to a sequence, so a reconnect before the first event
+        // still misses nothing.
+        if request.after_sequence == 0 && !request.from_start {
+            request.after_sequence =
+                self.list(proto::ListTasksRequest { page_size: 1, ..Default::default() }).await?.sequence;
+        }
+        let mut failures = 0u32;
+        loop {
+            let broken = match self.watch(request.clone()).await {
+                Ok(mut events) => loop {
+                    match events.next().await {
+                        Some(Ok(event)) => {
+                            failures = 0;
+                            request.after_sequence = event.sequence;
+                            request.from_start = false;
+                            if tx.send(Ok(Change::Event(event))).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Some(Err(err)) => break err,
+                        None => break Error::Protocol("watch stream ended".to_owned()),
+                    }
+                },
+                Err(err) => err,
+            };
+            match &broken {
+                Error::Status(status) if status.code() == Code::OutOfRange => {
+                    tracing::debug!("watch resumed before what the server keeps, re-listing: {}", status.message());
+                    match self.resync(&request, tx).await? {
+                        Some(sequence) => {
+                            request.after_sequence = sequence;
+                            request.from_start = false;
+                        }
+                        None => return Ok(()),
+                    }
+                }
+                err if is_transient(err) => {
+                    tracing::debug!("watch broke, reopening: {err}");
+                    tokio::time::sleep(jittered(failures, WATCH_BACKOFF_INITIAL, WATCH_BACKOFF_MAX)).await;
+                    failures = failures.saturating_add(1);
+                }
+                _ => return Err(broken),
+            }
+        }
+    }
+
+    /// Sends [`Change::Resync`] and every task the watch `request` covers
+    /// as it is now; returns the listing's sequence (None when the reader
+    /// went away).
+    async fn resync(
+        &self,
+        request: &proto::WatchTasksRequest,
+        tx: &tokio::sync::mpsc::Sender<Result<Change, Error>>,
+    ) -> Result<Option<u64>, Error> {
+        let mut current = Vec::new();
+        let sequence;
+        if request.task_id.is_empty() {
+            let mut listing = proto::ListTasksRequest {
+                states: request.states.clone(),
+                queue: request.queue.clone(),
+                capability: request.capability.clone(),
+                page_size: 1000,
+                ..Default::default()
+            };
+            let mut first = None;
+            loop {
+                let page = self.list(listing.clone()).await?;
+                first.get_or_insert(page.sequence);
+                let workflow = &request.workflow_id;
+                current.extend(page.tasks.into_iter().filter(|t| workflow.is_empty() || &t.workflow_id == workflow));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                listing.page_token = page.next_page_token;
+            }
+            sequence = first.unwrap_or(1);
+        } else {
+            // The listing's sequence first: the task read after it is at
+            // least as new.
+            sequence = self.list(proto::ListTasksRequest { page_size: 1, ..Default::default() }).await?.sequence;
+            match self.get(&request.task_id).await {
+                Ok(task) => current.push(task),
+                Err(Error::Status(status)) if status.code() == Code::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        if tx.send(Ok(Change::Resync { sequence })).await.is_err() {
+            return Ok(None);
+        }
+        for task in current {
+            if tx.send(Ok(Change::Current(task))).await.is_err() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(sequence))
     }
 
     /// Streams the log lines agents sent for task `id`, attempt by attempt

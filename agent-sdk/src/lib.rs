@@ -60,7 +60,7 @@ pub use prometheus;
 pub use tokio_util::sync::CancellationToken;
 
 pub use crate::agent::{Agent, AgentBuilder};
-pub use crate::client::Client;
+pub use crate::client::{Change, Client};
 pub use crate::context::{Output, TaskContext, TaskError};
 pub use crate::credentials::Credentials;
 pub use crate::error::Error;

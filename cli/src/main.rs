@@ -437,17 +437,21 @@ async fn task(target: &Target, command: TaskCommand, out: &Output) -> anyhow::Re
             Ok(std::process::ExitCode::SUCCESS)
         }
         TaskCommand::Watch { id, after, from_start } => {
-            let mut events = client
-                .watch(proto::WatchTasksRequest {
-                    task_id: id.unwrap_or_default(),
-                    after_sequence: after.unwrap_or(0),
-                    from_start,
-                    ..Default::default()
-                })
-                .await?;
+            // Follows through reconnects; a resume before what retention
+            // kept re-lists and goes on after the listing.
+            let mut changes = client.follow(proto::WatchTasksRequest {
+                task_id: id.unwrap_or_default(),
+                after_sequence: after.unwrap_or(0),
+                from_start,
+                ..Default::default()
+            });
             out.event_header();
-            while let Some(event) = events.next().await {
-                out.event(&event?);
+            while let Some(change) = changes.next().await {
+                match change? {
+                    muster_sdk::Change::Event(event) => out.event(&event),
+                    muster_sdk::Change::Resync { sequence } => out.resync(sequence),
+                    muster_sdk::Change::Current(task) => out.current(&task),
+                }
             }
             Ok(std::process::ExitCode::SUCCESS)
         }

@@ -278,6 +278,37 @@ impl Output {
         }
     }
 
+    /// A watch lost the events after `sequence`'s predecessor to retention:
+    /// the tasks as they are now follow ([`Output::current`]).
+    pub(crate) fn resync(&self, sequence: u64) {
+        if self.json {
+            println!("{}", serde_json::json!({ "resync": { "sequence": sequence } }));
+        } else {
+            eprintln!(
+                "muster: events this watch had not seen were removed by retention; the tasks as they are now \
+                 follow, then the events after sequence {sequence}"
+            );
+        }
+    }
+
+    /// A task as it is now, in a watch after [`Output::resync`]: an event
+    /// row whose reason is `current`.
+    pub(crate) fn current(&self, task: &Task) {
+        let v = task_json(task);
+        if self.json {
+            println!("{}", serde_json::json!({ "current": v }));
+        } else {
+            println!(
+                "{:<8} {:<24} {:<26} {:<10} {:<18} as listed",
+                task.sequence,
+                text(&v["updated_at"]),
+                task.id,
+                text(&v["state"]),
+                "current"
+            );
+        }
+    }
+
     pub(crate) fn agents(&self, agents: &[AgentInfo]) {
         if self.json {
             println!("{}", Value::Array(agents.iter().map(agent_json).collect()));

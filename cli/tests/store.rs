@@ -135,3 +135,70 @@ fn verify_refuses_a_missing_directory_and_one_without_a_store() -> TestResult {
     assert_eq!(std::fs::read_dir(root.path())?.count(), 0, "verify wrote into the directory");
     Ok(())
 }
+
+/// Whether `client.get(id)` says the task does not exist.
+async fn gone(client: &Client, id: &str) -> bool {
+    matches!(client.get(id).await, Err(muster_sdk::Error::Status(s)) if s.code() == tonic::Code::NotFound)
+}
+
+#[tokio::test]
+async fn finished_tasks_expire_and_a_watch_from_before_them_recovers_by_re_listing() -> TestResult {
+    use futures::StreamExt;
+    use muster_sdk::{Change, proto};
+
+    let server = spawn_server_with(|c| c.retention.finished_tasks = Duration::from_secs(1)).await;
+    let client = server.client().await;
+    let (stop, agent) =
+        spawn_agent(
+            &server.endpoint,
+            "echo",
+            "echo",
+            &[],
+            2,
+            |ctx| async move { Ok(Output::from(ctx.payload().to_vec())) },
+        );
+    wait_for_agents(&client, "echo", 1).await;
+    let done = client.submit(NewTask::new("echo").payload(b"one".to_vec()).idempotency_key("once").build()).await?;
+    client.wait(&done.id).await?;
+    // Unfinished: no agent has this capability.
+    let open = client.submit(NewTask::new("nobody").build()).await?;
+
+    eventually(Duration::from_secs(20), "the finished task expires", || gone(&client, &done.id)).await;
+    assert_eq!(client.get(&open.id).await?.state, TaskState::Queued, "unfinished work stays");
+    // Its idempotency key went with it.
+    let again = client.submit(NewTask::new("echo").idempotency_key("once").build()).await?;
+    assert_ne!(again.id, done.id);
+    client.wait(&again.id).await?;
+
+    // A watch resuming from before what is kept is told so, with the
+    // oldest sequence still there.
+    let resume = proto::WatchTasksRequest { after_sequence: 1, ..Default::default() };
+    let refused = match client.watch(resume.clone()).await {
+        Ok(mut events) => events.next().await.ok_or("the watch ended without a word")?.err(),
+        Err(err) => Some(err),
+    };
+    let Some(muster_sdk::Error::Status(status)) = refused else { panic!("not refused: {refused:?}") };
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("the oldest kept is"), "{status:?}");
+
+    // The SDK's follow re-lists and goes on: the tasks as they are now,
+    // then the next live event.
+    let mut changes = client.follow(resume);
+    let Some(Ok(Change::Resync { sequence })) = changes.next().await else { panic!("no resync first") };
+    assert!(sequence > 1);
+    let next = client.submit(NewTask::new("nobody").build()).await?;
+    let mut current = Vec::new();
+    let event = loop {
+        match tokio::time::timeout(Duration::from_secs(10), changes.next()).await?.ok_or("follow ended")?? {
+            Change::Current(task) => current.push(task.id),
+            Change::Event(event) => break event,
+            Change::Resync { .. } => panic!("a second resync"),
+        }
+    };
+    assert!(current.contains(&open.id) && !current.contains(&done.id), "{current:?}");
+    assert_eq!(event.task_id, next.id, "the first live event after the listing");
+
+    stop.cancel();
+    agent.await??;
+    Ok(())
+}
