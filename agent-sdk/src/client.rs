@@ -23,6 +23,9 @@ use crate::{
 };
 
 /// What [`Client::follow`] yields.
+// Almost every item is an event or a task, both large; boxing them would
+// cost an allocation per item to shrink the rare resync marker.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// A task event, in sequence order.
