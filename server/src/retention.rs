@@ -141,7 +141,10 @@ pub(crate) async fn run(
                     if removed > 0 || plan.events > 0 {
                         debug!(tasks = removed, events = plan.events, oldest, "retention pass");
                     }
-                    plan.more || plan.events_through.is_some()
+                    // A cut of fewer events than records a pass may take
+                    // caught up with the log; more means there may be a
+                    // backlog (a record holds 1 to 16 events).
+                    plan.more || plan.events >= PASS_EVENT_RECORDS as u64
                 }
                 Err(e) => {
                     if !failing {
