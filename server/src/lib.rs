@@ -198,14 +198,11 @@ async fn serve(
     let log_persister = tokio::spawn(logs::run_persister(log_hub.clone(), ended_logs, shutdown.clone()));
     let store_stats = tokio::spawn(store_stats::run(metrics.clone(), store.clone(), store_dir, shutdown.clone()));
     let core = CoreHandle::new(commands);
-    // Held by each retention pass, and by a backup for as long as it copies.
-    let compaction = Arc::new(tokio::sync::Mutex::new(()));
     let retention = tokio::spawn(retention::run(
         store.clone(),
         core.clone(),
         metrics.clone(),
         config.retention.finished_tasks,
-        compaction.clone(),
         shutdown.clone(),
     ));
 

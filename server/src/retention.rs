@@ -18,7 +18,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -107,15 +106,13 @@ pub(crate) fn plan(store: &dyn Store, cutoff: Millis, cursor: &mut Cursor) -> Re
 }
 
 /// Runs retention until `shutdown`: passes while there is a backlog, then
-/// one every [`pass_interval`]. `pause` is held during each pass; a
-/// backup holds it to keep what it copies in place. With a zero
-/// `retention` nothing expires, and only the oldest-sequence gauge is set.
+/// one every [`pass_interval`]. With a zero `retention` nothing expires,
+/// and only the oldest-sequence gauge is set.
 pub(crate) async fn run(
     store: Arc<dyn Store>,
     core: CoreHandle,
     metrics: Arc<Metrics>,
     retention: Duration,
-    pause: Arc<Mutex<()>>,
     shutdown: CancellationToken,
 ) {
     let clock = Clock::new(Instant::now());
@@ -129,7 +126,6 @@ pub(crate) async fn run(
     let mut failing = false;
     loop {
         let backlog = {
-            let _pass = pause.lock().await;
             let cutoff = clock.ms(Instant::now()).saturating_sub(retention_ms);
             match pass(&store, &core, cutoff, &mut cursor).await {
                 Ok((removed, plan)) => {
