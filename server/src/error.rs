@@ -74,4 +74,8 @@ pub enum StoreError {
     /// The store cannot be opened as asked: missing, or in use.
     #[error("{0}")]
     Unavailable(String),
+    /// A reading of the whole store could not start or go on (another is
+    /// under way, or the writes outran it); retrying later can succeed.
+    #[error("{0}")]
+    Conflict(String),
 }

@@ -229,6 +229,9 @@ mod tests {
         fn verify(&self) -> Result<crate::store::VerifyReport, StoreError> {
             self.inner.verify()
         }
+        fn export(&self, out: &mut dyn crate::store::Export) -> Result<(), StoreError> {
+            self.inner.export(out)
+        }
         fn record_counts(&self) -> Result<crate::store::RecordCounts, StoreError> {
             self.inner.record_counts()
         }

@@ -2,7 +2,7 @@
 
 use tonic::Status;
 
-use crate::error::Error;
+use crate::error::{Error, StoreError};
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
@@ -17,6 +17,7 @@ impl From<Error> for Status {
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::Unavailable(_) => Status::unavailable(message),
+            Error::Store(StoreError::Conflict(_)) => Status::aborted(message),
             Error::Store(_) => Status::internal(message),
         }
     }

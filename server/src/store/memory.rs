@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::verify::Checker;
-use super::{RecordCounts, Store, StoreError, VerifyReport, Write};
+use super::{Export, Point, Record, RecordCounts, Store, StoreError, VerifyReport, Write};
 use crate::model::{
     AgentId, AgentRecord, AttemptLog, Millis, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId,
 };
@@ -222,6 +222,29 @@ impl Store for MemoryStore {
             .map(|(_, l)| l.clone())
             .take(limit)
             .collect())
+    }
+
+    fn export(&self, out: &mut dyn Export) -> Result<(), StoreError> {
+        // A copy taken under the lock is the point in time; the records go
+        // out after it is released.
+        let (point, records) = {
+            let inner = self.lock();
+            let point = Point {
+                sequence: inner.events.keys().next_back().copied().unwrap_or(inner.compacted_through),
+                compacted_through: inner.compacted_through,
+            };
+            let mut records: Vec<Record> = Vec::new();
+            records.extend(inner.agents.values().cloned().map(Record::Agent));
+            records.extend(inner.tokens.values().cloned().map(Record::Token));
+            let events: Vec<TaskEvent> = inner.events.values().cloned().collect();
+            records.extend(events.chunks(64).map(|group| Record::Events(group.to_vec())));
+            records.extend(inner.queues.values().cloned().map(Record::Queue));
+            records.extend(inner.tasks.values().cloned().map(Record::Task));
+            records.extend(inner.logs.values().cloned().map(Record::Log));
+            (point, records)
+        };
+        out.begin(point)?;
+        records.into_iter().try_for_each(|record| out.record(record))
     }
 
     fn verify(&self) -> Result<VerifyReport, StoreError> {

@@ -6,6 +6,8 @@
 //! unfinished-task index and the idempotency-key index, so callers only ever
 //! write whole records.
 
+pub mod backup;
+mod capture;
 mod memory;
 mod sled_store;
 #[cfg(test)]
@@ -25,6 +27,7 @@ use std::fmt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use backup::{BackupError, Header, Totals};
 pub use memory::MemoryStore;
 pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 pub use verify::{MAX_LISTED_PROBLEMS, Problem, ProblemKind, RecordCounts, VerifyReport};
@@ -99,6 +102,44 @@ impl Removal {
     }
 }
 
+/// A record as a backup holds it: what the store keeps apart from its
+/// indexes, which writing the records back rebuilds.
+// Records are handed on one by one, each moved once.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// A task.
+    Task(Task),
+    /// Events, in sequence order.
+    Events(Vec<TaskEvent>),
+    /// An agent registration.
+    Agent(AgentRecord),
+    /// A queue's settings.
+    Queue(QueueRecord),
+    /// A token.
+    Token(TokenRecord),
+    /// The log of one attempt.
+    Log(AttemptLog),
+}
+
+/// The point in time an export reads the store at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Point {
+    /// The last event sequence given out: the export holds every event up
+    /// to it that is kept.
+    pub sequence: u64,
+    /// The last sequence compacted away: the export's events start after it.
+    pub compacted_through: u64,
+}
+
+/// Where [`Store::export`] hands what it reads.
+pub trait Export {
+    /// The point the export reads at, before any record.
+    fn begin(&mut self, point: Point) -> Result<(), StoreError>;
+    /// One record. An error stops the export.
+    fn record(&mut self, record: Record) -> Result<(), StoreError>;
+}
+
 /// Event sequence numbers start after this origin, which no event carries:
 /// a listing on an empty store reports it, so a watch after the listing's
 /// sequence replays every event (0 in a watch request means "live only").
@@ -157,10 +198,20 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError>;
     /// Up to `limit` attempt logs after `after` (task, attempt), in order.
     fn logs_after(&self, after: Option<(TaskId, u32)>, limit: usize) -> Result<Vec<AttemptLog>, StoreError>;
+    /// Hands every record to `out` as the store was at one point in time,
+    /// while writes go on: what a backup holds. Fails on a record that does
+    /// not decode (a backup must not leave anything out), and with
+    /// [`StoreError::Conflict`] when another export or verification is
+    /// under way or the writes outran it. Blocks: call it off the async
+    /// threads.
+    fn export(&self, out: &mut dyn Export) -> Result<(), StoreError>;
     /// Reads every record and reports what does not decode and where the
     /// indexes and the event log disagree with the records (see
     /// [`VerifyReport`]). An error means the store could not be read at
-    /// all; problems with its contents are in the report.
+    /// all; problems with its contents are in the report. A running
+    /// server's store is read at one point in time, as by
+    /// [`Store::export`] (and fails as it does when another reading is
+    /// under way).
     fn verify(&self) -> Result<VerifyReport, StoreError>;
     /// How many records of each kind the store holds, without decoding
     /// them (what [`Store::verify`] reports in `records` for a sound store,

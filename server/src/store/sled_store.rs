@@ -12,13 +12,17 @@
 //! Attempt logs live in a second tree, `logs` (task id + attempt → log),
 //! so their larger records never share leaves with the task records the
 //! scheduler rewrites on every transition.
+//!
+//! Every write goes through one lock shared with `capture`, which reads
+//! the trees at a point in time for exports and verification.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::capture::{self, Changes, LOGS, RECORDS, Reader};
 use super::verify::Checker;
-use super::{RecordCounts, Removal, Store, StoreError, VerifyReport, Write, decode, encode};
+use super::{Export, Point, Record, RecordCounts, Removal, Store, StoreError, VerifyReport, Write, decode, encode};
 use crate::model::{
     AgentId, AgentRecord, AttemptLog, Millis, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId,
 };
@@ -42,6 +46,9 @@ const FINISHED: u8 = b'f';
 const META: u8 = b'm';
 const EVENT_FLOOR: &[u8] = b"event-floor";
 const FINISHED_INDEX: &[u8] = b"finished-index";
+/// What the writes during an export or a verification may keep of the
+/// values they replace before the reading is abandoned.
+const CAPTURE_LIMIT_BYTES: usize = 256 << 20;
 
 /// A sled-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -51,6 +58,8 @@ pub struct SledStore {
     logs: sled::Tree,
     /// Set when a write or flush failed (a full disk, an I/O error).
     failed: Arc<AtomicBool>,
+    /// Held by every write; holds the point-in-time reading under way.
+    capture: capture::Shared,
 }
 
 impl Drop for SledStore {
@@ -188,7 +197,7 @@ impl SledStore {
             .map_err(engine)?;
         let tree = db.open_tree("muster").map_err(engine)?;
         let logs = db.open_tree("logs").map_err(engine)?;
-        Ok(Self { db, tree, logs, failed: Arc::default() })
+        Ok(Self { db, tree, logs, failed: Arc::default(), capture: capture::Shared::default() })
     }
 
     /// Opens the store that already is in `dir`, for inspection with the
@@ -222,13 +231,13 @@ impl SledStore {
     /// Adds the removal of a finished task to `batch`; its attempt logs,
     /// in their own tree, go at once (a task left without its logs by a
     /// crash here is removed again by the next pass).
-    fn remove_task(&self, batch: &mut sled::Batch, removal: &Removal) -> Result<(), StoreError> {
+    fn remove_task(&self, batch: &mut Changes<'_>, removal: &Removal) -> Result<(), StoreError> {
         let id = removal.id.to_bytes();
-        let mut logs = sled::Batch::default();
+        let mut logs = Changes::new(&self.logs, LOGS, batch.capture());
         for k in self.logs.scan_prefix(id).keys() {
             logs.remove(k.map_err(engine)?);
         }
-        self.logs.apply_batch(logs).map_err(|e| self.failure(e))?;
+        self.logs.apply_batch(logs.into_batch()).map_err(|e| self.failure(e))?;
         batch.remove(key(TASK, &id));
         batch.remove(key(UNFINISHED, &id));
         batch.remove(finished_key(removal.finished_at, removal.id));
@@ -239,6 +248,13 @@ impl SledStore {
             batch.remove(workflow_key(workflow, removal.id));
         }
         Ok(())
+    }
+
+    /// Begins reading the trees at this point in time, reading first, with
+    /// no write between, what `at_start` reads.
+    fn reader<T>(&self, at_start: impl FnOnce() -> Result<T, StoreError>) -> Result<(Reader, T), StoreError> {
+        let trees = [self.tree.clone(), self.logs.clone()];
+        Reader::begin(&self.capture, trees, CAPTURE_LIMIT_BYTES, at_start)
     }
 
     fn scan_prefix<T>(
@@ -258,7 +274,8 @@ impl SledStore {
 
 impl Store for SledStore {
     fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut capture = capture::lock(&self.capture);
+        let mut batch = Changes::new(&self.tree, RECORDS, &mut capture);
         let mut events: Vec<&TaskEvent> = Vec::new();
         for write in writes {
             match write {
@@ -302,7 +319,7 @@ impl Store for SledStore {
                 batch.insert(key(EVENT, &first.sequence.to_be_bytes()), encode(&group)?);
             }
         }
-        self.tree.apply_batch(batch).map_err(|e| self.failure(e))
+        self.tree.apply_batch(batch.into_batch()).map_err(|e| self.failure(e))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -486,7 +503,12 @@ impl Store for SledStore {
     }
 
     fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError> {
-        self.logs.insert(log_key(log.task_id, log.attempt), encode(log)?).map(|_| ()).map_err(|e| self.failure(e))
+        let (key, value) = (log_key(log.task_id, log.attempt), encode(log)?);
+        let mut capture = capture::lock(&self.capture);
+        if let Some(capture) = capture.as_mut() {
+            capture.before_write(LOGS, &self.logs, &key);
+        }
+        self.logs.insert(key, value).map(|_| ()).map_err(|e| self.failure(e))
     }
 
     fn log(&self, task: TaskId, attempt: u32) -> Result<Option<AttemptLog>, StoreError> {
@@ -504,79 +526,132 @@ impl Store for SledStore {
     }
 
     fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let (mut reader, ()) = self.reader(|| Ok(()))?;
         let mut checker = Checker::new();
         // Keys sort by keyspace, and events by sequence within theirs.
-        for item in self.tree.iter() {
-            let (k, v) = item.map_err(engine)?;
-            let Some((&prefix, rest)) = k.split_first() else {
-                checker.unknown_key(&k);
-                continue;
-            };
-            let id = <[u8; 16]>::try_from(rest).ok();
-            match prefix {
-                TASK => match id {
-                    Some(id) => checker.task(TaskId::from_bytes(id), decode(&v)),
-                    None => checker.bad_key("task", rest, "not a task id"),
-                },
-                UNFINISHED => match id {
-                    Some(id) => checker.unfinished(TaskId::from_bytes(id)),
-                    None => checker.bad_key("unfinished", rest, "not a task id"),
-                },
-                EVENT => match <[u8; 8]>::try_from(rest) {
-                    Ok(sequence) => checker.events(u64::from_be_bytes(sequence), decode_events(&v)),
-                    Err(_) => checker.bad_key("event", rest, "not a sequence"),
-                },
-                AGENT => match id {
-                    Some(id) => checker.agent(AgentId::from_bytes(id), decode(&v)),
-                    None => checker.bad_key("agent", rest, "not an agent id"),
-                },
-                IDEMPOTENCY => match (std::str::from_utf8(rest), <[u8; 16]>::try_from(v.as_ref())) {
-                    (Ok(name), Ok(task)) => checker.idempotency_key(name.to_owned(), TaskId::from_bytes(task)),
-                    (Err(_), _) => checker.bad_idempotency_entry(rest, "the key is not UTF-8"),
-                    (_, Err(_)) => checker.bad_idempotency_entry(rest, "the value is not a task id"),
-                },
-                QUEUE | TOKEN => match std::str::from_utf8(rest) {
-                    Ok(name) if prefix == QUEUE => checker.queue(name, decode(&v)),
-                    Ok(name) => checker.token(name, decode(&v)),
-                    Err(_) => {
-                        let keyspace = if prefix == QUEUE { "queue" } else { "token" };
-                        checker.bad_key(keyspace, rest, "the name is not UTF-8")
-                    }
-                },
-                FINISHED => match parse_finished_key(rest).filter(|_| rest.len() == 24) {
-                    Some((at, id)) => checker.finished_entry(at, id),
-                    None => checker.bad_key("finished", rest, "not a time and a task id"),
-                },
-                META => match rest {
-                    EVENT_FLOOR => match <[u8; 8]>::try_from(v.as_ref()) {
-                        Ok(floor) => checker.compacted_through(u64::from_be_bytes(floor)),
-                        Err(_) => checker.bad_key("meta", rest, "the event floor is not a sequence"),
-                    },
-                    FINISHED_INDEX => checker.finished_index_complete(),
-                    _ => checker.unknown_key(&k),
-                },
-                WORKFLOW => match (rest.get(..16), rest.get(16..)) {
-                    (Some(workflow), Some(task)) if rest.len() == 32 => {
-                        let workflow = WorkflowId::from_bytes(workflow.try_into().unwrap_or_default());
-                        checker.workflow_entry(workflow, TaskId::from_bytes(task.try_into().unwrap_or_default()))
-                    }
-                    _ => checker.bad_key("workflow", rest, "not a workflow id and a task id"),
-                },
-                _ => checker.unknown_key(&k),
-            }
-        }
-        for item in self.logs.iter() {
-            let (k, v) = item.map_err(engine)?;
-            match (k.get(..16), k.get(16..)) {
-                (Some(task), Some(attempt)) if k.len() == 20 => checker.log(
-                    TaskId::from_bytes(task.try_into().unwrap_or_default()),
-                    u32::from_be_bytes(attempt.try_into().unwrap_or_default()),
-                    decode(&v),
-                ),
-                _ => checker.bad_key("log", &k, "not a task id and an attempt"),
+        while let Some(chunk) = reader.next_chunk()? {
+            for (tree, k, v) in chunk {
+                match tree {
+                    RECORDS => check_record(&mut checker, &k, &v),
+                    _ => check_log(&mut checker, &k, &v),
+                }
             }
         }
         Ok(checker.finish())
+    }
+
+    fn export(&self, out: &mut dyn Export) -> Result<(), StoreError> {
+        let (mut reader, point) = self
+            .reader(|| Ok(Point { sequence: self.last_sequence()?, compacted_through: self.compacted_through()? }))?;
+        out.begin(point)?;
+        while let Some(chunk) = reader.next_chunk()? {
+            for (tree, k, v) in chunk {
+                if let Some(record) = exported(tree, &k, &v)? {
+                    out.record(record)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a backup holds of one key: its record, or nothing for an index
+/// entry or a mark (which writing the records back rebuilds).
+fn exported(tree: usize, k: &[u8], v: &[u8]) -> Result<Option<Record>, StoreError> {
+    let named = |what: &str, e: StoreError| StoreError::Codec(format!("{what} record {}: {e}", shown_key(k)));
+    if tree == LOGS {
+        return decode(v).map(|log| Some(Record::Log(log))).map_err(|e| named("log", e));
+    }
+    let record = match k.first().copied() {
+        Some(TASK) => Record::Task(decode(v).map_err(|e| named("task", e))?),
+        Some(EVENT) => Record::Events(decode_events(v).map_err(|e| named("event", e))?),
+        Some(AGENT) => Record::Agent(decode(v).map_err(|e| named("agent", e))?),
+        Some(QUEUE) => Record::Queue(decode(v).map_err(|e| named("queue", e))?),
+        Some(TOKEN) => Record::Token(decode(v).map_err(|e| named("token", e))?),
+        Some(UNFINISHED | IDEMPOTENCY | WORKFLOW | FINISHED | META) => return Ok(None),
+        _ => return Err(StoreError::Codec(format!("a key outside every keyspace: {}", shown_key(k)))),
+    };
+    Ok(Some(record))
+}
+
+/// A key for a message: its keyspace letter, then its bytes in hex.
+fn shown_key(k: &[u8]) -> String {
+    let hex: String = k.iter().skip(1).map(|b| format!("{b:02x}")).collect();
+    match k.first() {
+        Some(&p) if p.is_ascii_graphic() => format!("{}/{hex}", p as char),
+        _ => k.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+/// Checks one key of the records tree.
+fn check_record(checker: &mut Checker, k: &[u8], v: &[u8]) {
+    let Some((&prefix, rest)) = k.split_first() else {
+        checker.unknown_key(k);
+        return;
+    };
+    let id = <[u8; 16]>::try_from(rest).ok();
+    match prefix {
+        TASK => match id {
+            Some(id) => checker.task(TaskId::from_bytes(id), decode(v)),
+            None => checker.bad_key("task", rest, "not a task id"),
+        },
+        UNFINISHED => match id {
+            Some(id) => checker.unfinished(TaskId::from_bytes(id)),
+            None => checker.bad_key("unfinished", rest, "not a task id"),
+        },
+        EVENT => match <[u8; 8]>::try_from(rest) {
+            Ok(sequence) => checker.events(u64::from_be_bytes(sequence), decode_events(v)),
+            Err(_) => checker.bad_key("event", rest, "not a sequence"),
+        },
+        AGENT => match id {
+            Some(id) => checker.agent(AgentId::from_bytes(id), decode(v)),
+            None => checker.bad_key("agent", rest, "not an agent id"),
+        },
+        IDEMPOTENCY => match (std::str::from_utf8(rest), <[u8; 16]>::try_from(v)) {
+            (Ok(name), Ok(task)) => checker.idempotency_key(name.to_owned(), TaskId::from_bytes(task)),
+            (Err(_), _) => checker.bad_idempotency_entry(rest, "the key is not UTF-8"),
+            (_, Err(_)) => checker.bad_idempotency_entry(rest, "the value is not a task id"),
+        },
+        QUEUE | TOKEN => match std::str::from_utf8(rest) {
+            Ok(name) if prefix == QUEUE => checker.queue(name, decode(v)),
+            Ok(name) => checker.token(name, decode(v)),
+            Err(_) => {
+                let keyspace = if prefix == QUEUE { "queue" } else { "token" };
+                checker.bad_key(keyspace, rest, "the name is not UTF-8")
+            }
+        },
+        FINISHED => match parse_finished_key(rest).filter(|_| rest.len() == 24) {
+            Some((at, id)) => checker.finished_entry(at, id),
+            None => checker.bad_key("finished", rest, "not a time and a task id"),
+        },
+        META => match rest {
+            EVENT_FLOOR => match <[u8; 8]>::try_from(v) {
+                Ok(floor) => checker.compacted_through(u64::from_be_bytes(floor)),
+                Err(_) => checker.bad_key("meta", rest, "the event floor is not a sequence"),
+            },
+            FINISHED_INDEX => checker.finished_index_complete(),
+            _ => checker.unknown_key(k),
+        },
+        WORKFLOW => match (rest.get(..16), rest.get(16..)) {
+            (Some(workflow), Some(task)) if rest.len() == 32 => {
+                let workflow = WorkflowId::from_bytes(workflow.try_into().unwrap_or_default());
+                checker.workflow_entry(workflow, TaskId::from_bytes(task.try_into().unwrap_or_default()))
+            }
+            _ => checker.bad_key("workflow", rest, "not a workflow id and a task id"),
+        },
+        _ => checker.unknown_key(k),
+    }
+}
+
+/// Checks one key of the logs tree.
+fn check_log(checker: &mut Checker, k: &[u8], v: &[u8]) {
+    match (k.get(..16), k.get(16..)) {
+        (Some(task), Some(attempt)) if k.len() == 20 => checker.log(
+            TaskId::from_bytes(task.try_into().unwrap_or_default()),
+            u32::from_be_bytes(attempt.try_into().unwrap_or_default()),
+            decode(v),
+        ),
+        _ => checker.bad_key("log", k, "not a task id and an attempt"),
     }
 }
 
@@ -718,6 +793,119 @@ mod tests {
         let task = test_task_in(TaskState::Queued, None);
         store.write(&[Write::Task(task.clone()), Write::Event(test_event(5, &task))])?;
         assert_eq!(kinds(&store.verify()?), [(ProblemKind::EventGap, "event/5".to_owned())]);
+        Ok(())
+    }
+
+    /// Hands on what an export reads and, once it has read `after` tasks,
+    /// makes `change` (the store is written while it reads).
+    struct Interrupted<F: FnMut() -> Result<(), StoreError>> {
+        after: usize,
+        tasks: usize,
+        change: Option<F>,
+        records: Vec<crate::store::Record>,
+    }
+
+    impl<F: FnMut() -> Result<(), StoreError>> Export for Interrupted<F> {
+        fn begin(&mut self, _: Point) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        fn record(&mut self, record: crate::store::Record) -> Result<(), StoreError> {
+            if matches!(record, crate::store::Record::Task(_)) {
+                self.tasks += 1;
+                if self.tasks == self.after
+                    && let Some(mut change) = self.change.take()
+                {
+                    change()?;
+                }
+            }
+            self.records.push(record);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_export_reads_the_store_as_it_was_when_it_began_while_it_is_written() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path(), None)?;
+        let mut tasks: Vec<Task> = (0..700).map(|_| test_task_in(TaskState::Queued, None)).collect();
+        tasks.sort_by_key(|t| t.id);
+        let mut writes: Vec<Write> = tasks.iter().cloned().map(Write::Task).collect();
+        writes.extend(tasks.iter().enumerate().map(|(i, t)| Write::Event(test_event(2 + i as u64, t))));
+        store.write(&writes)?;
+        for task in &tasks[..3] {
+            store.put_log(&AttemptLog {
+                task_id: task.id,
+                attempt: 1,
+                lines: Vec::new(),
+                dropped: 0,
+                next_position: 0,
+            })?;
+        }
+        let mut before =
+            Interrupted { after: 0, tasks: 0, change: None::<fn() -> Result<(), StoreError>>, records: Vec::new() };
+        store.export(&mut before)?;
+
+        let writer = store.clone();
+        let (copied, ahead, removed) = (tasks[0].clone(), tasks[500].clone(), tasks[600].clone());
+        let change = move || {
+            let mut done = copied.clone();
+            done.state = TaskState::Succeeded;
+            let mut later = ahead.clone();
+            later.state = TaskState::Running;
+            later.attempt = 1;
+            let mut gone = removed.clone();
+            gone.state = TaskState::Failed;
+            writer.write(&[Write::Task(done), Write::Task(later), Write::Task(gone.clone())])?;
+            writer.write(&[Write::Remove(crate::store::Removal::of(&gone))])?;
+            let mut newer = test_task_in(TaskState::Queued, None);
+            newer.id = TaskId::from_bytes([0xff; 16]);
+            writer.write(&[Write::Task(newer.clone()), Write::Event(test_event(702, &newer))])?;
+            writer.put_log(&AttemptLog {
+                task_id: newer.id,
+                attempt: 1,
+                lines: Vec::new(),
+                dropped: 0,
+                next_position: 0,
+            })
+        };
+        let mut during = Interrupted { after: 10, tasks: 0, change: Some(change), records: Vec::new() };
+        store.export(&mut during)?;
+        assert!(during.change.is_none(), "the store was not written during the export");
+        assert_eq!(during.records.len(), before.records.len());
+        assert!(during.records == before.records, "the export saw writes made after it began");
+        // The writes themselves landed, and the next export sees them.
+        assert_eq!(store.task(tasks[500].id)?.map(|t| t.state), Some(TaskState::Running));
+        assert_eq!(store.task(tasks[600].id)?, None);
+        let mut after =
+            Interrupted { after: 0, tasks: 0, change: None::<fn() -> Result<(), StoreError>>, records: Vec::new() };
+        store.export(&mut after)?;
+        assert_eq!(after.tasks, 700, "one removed, one added");
+        // The removed task's event stays (retention compacts events apart).
+        let problems = kinds(&store.verify()?);
+        assert_eq!(problems, [(ProblemKind::EventTaskMissing, format!("event/{}", 602))]);
+        Ok(())
+    }
+
+    #[test]
+    fn one_reading_at_a_time_and_one_the_writes_outrun_is_abandoned_without_failing_them()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path(), None)?;
+        store.write(&[Write::Task(test_task_in(TaskState::Queued, None))])?;
+        let trees = || [store.tree.clone(), store.logs.clone()];
+        let (mut reader, ()) = Reader::begin(&store.capture, trees(), 4096, || Ok(()))?;
+        let error = store.verify().err().ok_or("a second reading began")?;
+        assert!(matches!(error, StoreError::Conflict(_)), "{error}");
+        // Writes ahead of the reader keep what they replace, past the bound.
+        for _ in 0..100 {
+            store.write(&[Write::Task(test_task_in(TaskState::Queued, None))])?;
+        }
+        let error = reader.next_chunk().err().ok_or("the reading went on past its bound")?;
+        assert!(error.to_string().contains("the store changed faster than it could be read"), "{error}");
+        drop(reader);
+        assert_eq!(store.verify()?.records.tasks, 101, "a new reading begins once the last ended");
         Ok(())
     }
 
