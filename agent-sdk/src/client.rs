@@ -495,6 +495,20 @@ impl Client {
             .into_inner()
             .into())
     }
+
+    /// A backup of the server's whole store as it was when the call began
+    /// (admin only): the bytes of one backup file, in order. The file
+    /// carries its own checksum, which `muster store restore` checks.
+    pub async fn backup_store(&self) -> Result<BoxStream<'static, Result<Vec<u8>, Error>>, Error> {
+        let stream = self.admin.clone().backup_store(proto::BackupStoreRequest {}).await?.into_inner();
+        Ok(stream.map_ok(|chunk| chunk.data).map_err(Error::Status).boxed())
+    }
+
+    /// Checks every record and index of the server's store as it was when
+    /// the call began (admin only).
+    pub async fn verify_store(&self) -> Result<proto::VerifyStoreResponse, Error> {
+        Ok(self.admin.clone().verify_store(proto::VerifyStoreRequest {}).await?.into_inner())
+    }
 }
 
 /// A watch of one task's events after sequence `after`.

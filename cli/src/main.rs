@@ -96,7 +96,7 @@ enum Command {
     /// Create, list and revoke access tokens (admin).
     #[command(subcommand)]
     Token(token::TokenCommand),
-    /// Work on a data directory's store with the server stopped.
+    /// Back up, restore and verify the store.
     #[command(subcommand)]
     Store(store::StoreCommand),
     /// Measure throughput, latency, idle agents and recovery (Muster's
@@ -288,7 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     let tls_files = (cli.tls_cert.clone(), cli.tls_key.clone());
     let target = match &cli.command {
         // For the server, --tls-cert and --tls-key are its own certificate.
-        Command::Serve(_) | Command::Dev { .. } | Command::Bench(_) | Command::Store(_) => None,
+        Command::Serve(_) | Command::Dev { .. } | Command::Bench(_) => None,
         _ => Some(Target::new(&cli)?),
     };
     let target = || target.as_ref().context("this command does not connect to a server");
@@ -306,7 +306,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Queue(command) => workflow::queue(&connect(target()?).await?, command, &out).await?,
         Command::Token(command) => token::token(&connect(target()?).await?, command, &out).await?,
         Command::Bench(args) => bench::run(args, cli.output == Format::Json).await?,
-        Command::Store(command) => return store::store(command, &out).await,
+        Command::Store(command) => {
+            return store::store(command, &cli.server, async || connect(target()?).await, &out).await;
+        }
         Command::ShellAgent { name, slots, shell, metrics_listen } => {
             muster_shell_agent::protect_process().context("cannot protect the agent process")?;
             let target = target()?;

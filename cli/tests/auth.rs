@@ -54,6 +54,8 @@ const EXPECTED: &[(&str, Option<&[&str]>)] = &[
     ("/muster.v1.AdminService/CreateToken", Some(ADMIN)),
     ("/muster.v1.AdminService/ListTokens", Some(ADMIN)),
     ("/muster.v1.AdminService/RevokeToken", Some(ADMIN)),
+    ("/muster.v1.AdminService/BackupStore", Some(ADMIN)),
+    ("/muster.v1.AdminService/VerifyStore", Some(ADMIN)),
     ("/grpc.health.v1.Health/Check", None),
     ("/grpc.health.v1.Health/Watch", None),
     ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Some(READ)),

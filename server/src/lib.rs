@@ -237,7 +237,13 @@ async fn serve(
     };
     let agents = AgentHandler { core: core.clone(), logs: log_hub, config: config.clone(), shutdown: shutdown.clone() };
     let fleet = FleetHandler { core: core.clone(), config: config.clone() };
-    let admin = AdminHandler { core: core.clone(), tokens, config: config.clone(), changing: Default::default() };
+    let admin = AdminHandler {
+        core: core.clone(),
+        tokens,
+        config: config.clone(),
+        changing: Default::default(),
+        store: store.clone(),
+    };
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.heartbeat_interval))
         .http2_keepalive_timeout(Some(config.lease_ttl))

@@ -66,6 +66,8 @@ pub const GRPC_METHODS: &[(&str, Access)] = &[
     ("/muster.v1.AdminService/CreateToken", Needs(Admin)),
     ("/muster.v1.AdminService/ListTokens", Needs(Admin)),
     ("/muster.v1.AdminService/RevokeToken", Needs(Admin)),
+    ("/muster.v1.AdminService/BackupStore", Needs(Admin)),
+    ("/muster.v1.AdminService/VerifyStore", Needs(Admin)),
     // Load balancers and orchestrators probe health without credentials.
     ("/grpc.health.v1.Health/Check", Open),
     ("/grpc.health.v1.Health/Watch", Open),

@@ -1,11 +1,16 @@
-//! `AdminService`: tokens. A change is made durable through the scheduler's
-//! writer first and then applied to the table the gate reads; a revocation
-//! is applied to the table first, so the token stops working at once.
+//! `AdminService`: tokens, and backups and verification of the store. A
+//! token change is made durable through the scheduler's writer first and
+//! then applied to the table the gate reads; a revocation is applied to the
+//! table first, so the token stops working at once. Backups and
+//! verification read the store at one point in time on a blocking thread,
+//! while the writer goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use muster_proto::pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -14,6 +19,8 @@ use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::model::TokenRecord;
 use crate::scheduler::{Command, CoreHandle};
+use crate::store::Store;
+use crate::store::backup::BackupWriter;
 use crate::validate;
 
 /// The longest lifetime a token may be given.
@@ -27,6 +34,74 @@ pub(crate) struct AdminHandler {
     pub(crate) config: Arc<ServerConfig>,
     /// Serialises token changes, so a name is checked and taken atomically.
     pub(crate) changing: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) store: Arc<dyn Store>,
+}
+
+/// Bytes of a backup sent per message.
+const BACKUP_CHUNK_BYTES: usize = 256 << 10;
+/// Chunks buffered toward a slow reader before the backup waits for it.
+const BACKUP_CHUNKS_BUFFERED: usize = 4;
+
+/// The backup file's bytes, sent on in chunks. Blocks while the reader is
+/// behind; fails once it has gone, which ends the export.
+struct ChunkSender {
+    buffer: Vec<u8>,
+    tx: mpsc::Sender<Result<pb::BackupChunk, Status>>,
+}
+
+impl ChunkSender {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buffer, Vec::with_capacity(BACKUP_CHUNK_BYTES));
+        self.tx
+            .blocking_send(Ok(pb::BackupChunk { data }))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the caller stopped reading the backup"))
+    }
+}
+
+impl std::io::Write for ChunkSender {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let room = BACKUP_CHUNK_BYTES - self.buffer.len();
+        let taken = bytes.len().min(room);
+        self.buffer.extend_from_slice(&bytes[..taken]);
+        if self.buffer.len() == BACKUP_CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+fn verify_to_pb(report: &crate::store::VerifyReport) -> pb::VerifyStoreResponse {
+    pb::VerifyStoreResponse {
+        clean: report.is_clean(),
+        records: report
+            .records
+            .by_kind()
+            .iter()
+            .map(|(kind, count)| pb::StoreKindCount { kind: (*kind).to_owned(), count: *count })
+            .collect(),
+        problem_count: report.problem_count,
+        problems_by_kind: report
+            .problems_by_kind
+            .iter()
+            .map(|(kind, count)| pb::StoreKindCount { kind: kind.as_str().to_owned(), count: *count })
+            .collect(),
+        problems: report
+            .problems
+            .iter()
+            .map(|p| pb::StoreProblem {
+                kind: p.kind.as_str().to_owned(),
+                key: p.key.clone(),
+                detail: p.detail.clone(),
+            })
+            .collect(),
+    }
 }
 
 fn role_from_pb(value: i32) -> Result<Role, Error> {
@@ -101,6 +176,27 @@ fn token_to_pb(record: &TokenRecord) -> pb::Token {
     }
 }
 
+/// A backup writer that reports, once, that the export began (with the
+/// sequence it covers).
+struct Started<W: std::io::Write> {
+    inner: BackupWriter<W>,
+    started: Option<tokio::sync::oneshot::Sender<Result<u64, crate::store::StoreError>>>,
+}
+
+impl<W: std::io::Write> crate::store::Export for Started<W> {
+    fn begin(&mut self, point: crate::store::Point) -> Result<(), crate::store::StoreError> {
+        self.inner.begin(point)?;
+        if let Some(started) = self.started.take() {
+            let _ = started.send(Ok(point.sequence));
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, record: crate::store::Record) -> Result<(), crate::store::StoreError> {
+        self.inner.record(record)
+    }
+}
+
 impl AdminHandler {
     async fn persist(&self, record: TokenRecord) -> Result<(), Status> {
         Ok(self.core.call(|reply| Command::PutToken { record, reply }).await?)
@@ -109,6 +205,63 @@ impl AdminHandler {
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminHandler {
+    type BackupStoreStream = ReceiverStream<Result<pb::BackupChunk, Status>>;
+
+    async fn backup_store(
+        &self,
+        request: Request<pb::BackupStoreRequest>,
+    ) -> Result<Response<Self::BackupStoreStream>, Status> {
+        let identity = Identity::of(&request);
+        let (tx, rx) = mpsc::channel(BACKUP_CHUNKS_BUFFERED);
+        let store = self.store.clone();
+        // The export begins before this answers, so a backup that cannot
+        // start (another is under way) fails the call itself.
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let sink = ChunkSender { buffer: Vec::with_capacity(BACKUP_CHUNK_BYTES), tx: tx.clone() };
+            let mut writer =
+                Started { inner: BackupWriter::new(sink, crate::model::now_ms()), started: Some(started_tx) };
+            let written = store.export(&mut writer).and_then(|()| writer.inner.finish());
+            match written {
+                Ok((_, header, totals)) => tracing::info!(
+                    sequence = header.sequence,
+                    tasks = totals.tasks,
+                    events = totals.events,
+                    "backup sent"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "backup failed");
+                    match writer.started.take() {
+                        Some(started) => drop(started.send(Err(e))),
+                        None => drop(tx.blocking_send(Err(Error::Store(e).into()))),
+                    }
+                }
+            }
+        });
+        match started_rx.await {
+            Ok(Ok(sequence)) => {
+                audit(&identity, "store.backup", &format!("at sequence {sequence}"));
+                Ok(Response::new(ReceiverStream::new(rx)))
+            }
+            Ok(Err(e)) => Err(Error::Store(e).into()),
+            Err(_) => Err(Status::internal("the backup stopped before it began")),
+        }
+    }
+
+    async fn verify_store(
+        &self,
+        request: Request<pb::VerifyStoreRequest>,
+    ) -> Result<Response<pb::VerifyStoreResponse>, Status> {
+        let identity = Identity::of(&request);
+        let store = self.store.clone();
+        let report = tokio::task::spawn_blocking(move || store.verify())
+            .await
+            .map_err(|_| Status::internal("the verification stopped"))?
+            .map_err(Error::Store)?;
+        audit(&identity, "store.verify", &format!("{} problem(s)", report.problem_count));
+        Ok(Response::new(verify_to_pb(&report)))
+    }
+
     async fn create_token(
         &self,
         request: Request<pb::CreateTokenRequest>,

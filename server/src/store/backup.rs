@@ -82,6 +82,18 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Every kind with its count, in this order.
+    pub fn by_kind(&self) -> [(&'static str, u64); 6] {
+        [
+            ("tasks", self.tasks),
+            ("events", self.events),
+            ("agents", self.agents),
+            ("queues", self.queues),
+            ("tokens", self.tokens),
+            ("logs", self.logs),
+        ]
+    }
+
     fn count(&mut self, record: &Record) {
         match record {
             Record::Task(_) => self.tasks += 1,

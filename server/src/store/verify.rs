@@ -59,6 +59,29 @@ impl RecordCounts {
             ("log_tail", self.logs),
         ]
     }
+
+    /// The counts [`RecordCounts::by_kind`] named (a kind it does not name
+    /// is left out).
+    pub fn from_kinds<'a>(kinds: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
+        let mut counts = Self::default();
+        for (kind, n) in kinds {
+            let field = match kind {
+                "task" => &mut counts.tasks,
+                "event" => &mut counts.events,
+                "agent" => &mut counts.agents,
+                "queue" => &mut counts.queues,
+                "token" => &mut counts.tokens,
+                "idempotency_key" => &mut counts.idempotency_keys,
+                "workflow_index" => &mut counts.workflow_entries,
+                "unfinished_index" => &mut counts.unfinished_entries,
+                "finished_index" => &mut counts.finished_entries,
+                "log_tail" => &mut counts.logs,
+                _ => continue,
+            };
+            *field = n;
+        }
+        counts
+    }
 }
 
 /// What is wrong with a record.
@@ -556,6 +579,24 @@ pub(super) mod tests {
 
     pub(crate) fn kinds(report: &VerifyReport) -> Vec<(ProblemKind, String)> {
         report.problems.iter().map(|p| (p.kind, p.key.clone())).collect()
+    }
+
+    #[test]
+    fn counts_by_kind_read_back_from_their_names() {
+        let counts = RecordCounts {
+            tasks: 1,
+            events: 2,
+            agents: 3,
+            queues: 4,
+            tokens: 5,
+            idempotency_keys: 6,
+            workflow_entries: 7,
+            unfinished_entries: 8,
+            finished_entries: 9,
+            logs: 10,
+        };
+        assert_eq!(RecordCounts::from_kinds(counts.by_kind()), counts);
+        assert_eq!(RecordCounts::from_kinds([("tasks", 1)]), RecordCounts::default(), "not a kind's name");
     }
 
     #[test]

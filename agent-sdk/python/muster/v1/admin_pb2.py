@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15muster/v1/admin.proto\x12\tmuster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x05Scope\x12\x0e\n\x06queues\x18\x01 \x03(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12,\n\x06labels\x18\x03 \x03(\x0b\x32\x1c.muster.v1.Scope.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf9\x01\n\x05Token\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.muster.v1.Role\x12\x1f\n\x05scope\x18\x03 \x01(\x0b\x32\x10.muster.v1.Scope\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x07 \x01(\t\"~\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.muster.v1.Role\x12\x1f\n\x05scope\x18\x03 \x01(\x0b\x32\x10.muster.v1.Scope\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x04\"F\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.muster.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\"6\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.muster.v1.Token\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*t\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x12\n\x0eROLE_SUBMITTER\x10\x03\x12\x0e\n\nROLE_AGENT\x10\x04\x12\x0f\n\x0bROLE_VIEWER\x10\x05\x32\xe7\x01\n\x0c\x41\x64minService\x12L\n\x0b\x43reateToken\x12\x1d.muster.v1.CreateTokenRequest\x1a\x1e.muster.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.muster.v1.ListTokensRequest\x1a\x1d.muster.v1.ListTokensResponse\x12>\n\x0bRevokeToken\x12\x1d.muster.v1.RevokeTokenRequest\x1a\x10.muster.v1.Tokenb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15muster/v1/admin.proto\x12\tmuster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x05Scope\x12\x0e\n\x06queues\x18\x01 \x03(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12,\n\x06labels\x18\x03 \x03(\x0b\x32\x1c.muster.v1.Scope.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf9\x01\n\x05Token\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.muster.v1.Role\x12\x1f\n\x05scope\x18\x03 \x01(\x0b\x32\x10.muster.v1.Scope\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x07 \x01(\t\"~\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.muster.v1.Role\x12\x1f\n\x05scope\x18\x03 \x01(\x0b\x32\x10.muster.v1.Scope\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x04\"F\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.muster.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\"6\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.muster.v1.Token\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x42\x61\x63kupStoreRequest\"\x1b\n\x0b\x42\x61\x63kupChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x14\n\x12VerifyStoreRequest\"\xc7\x01\n\x13VerifyStoreResponse\x12\r\n\x05\x63lean\x18\x01 \x01(\x08\x12*\n\x07records\x18\x02 \x03(\x0b\x32\x19.muster.v1.StoreKindCount\x12\x15\n\rproblem_count\x18\x03 \x01(\x04\x12\x33\n\x10problems_by_kind\x18\x05 \x03(\x0b\x32\x19.muster.v1.StoreKindCount\x12)\n\x08problems\x18\x04 \x03(\x0b\x32\x17.muster.v1.StoreProblem\"-\n\x0eStoreKindCount\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"9\n\x0cStoreProblem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*t\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x12\n\x0eROLE_SUBMITTER\x10\x03\x12\x0e\n\nROLE_AGENT\x10\x04\x12\x0f\n\x0bROLE_VIEWER\x10\x05\x32\xfd\x02\n\x0c\x41\x64minService\x12L\n\x0b\x43reateToken\x12\x1d.muster.v1.CreateTokenRequest\x1a\x1e.muster.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.muster.v1.ListTokensRequest\x1a\x1d.muster.v1.ListTokensResponse\x12>\n\x0bRevokeToken\x12\x1d.muster.v1.RevokeTokenRequest\x1a\x10.muster.v1.Token\x12\x46\n\x0b\x42\x61\x63kupStore\x12\x1d.muster.v1.BackupStoreRequest\x1a\x16.muster.v1.BackupChunk0\x01\x12L\n\x0bVerifyStore\x12\x1d.muster.v1.VerifyStoreRequest\x1a\x1e.muster.v1.VerifyStoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCOPE_LABELSENTRY']._loaded_options = None
   _globals['_SCOPE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=775
-  _globals['_ROLE']._serialized_end=891
+  _globals['_ROLE']._serialized_start=1156
+  _globals['_ROLE']._serialized_end=1272
   _globals['_SCOPE']._serialized_start=70
   _globals['_SCOPE']._serialized_end=208
   _globals['_SCOPE_LABELSENTRY']._serialized_start=163
@@ -52,6 +52,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTOKENSRESPONSE']._serialized_end=737
   _globals['_REVOKETOKENREQUEST']._serialized_start=739
   _globals['_REVOKETOKENREQUEST']._serialized_end=773
-  _globals['_ADMINSERVICE']._serialized_start=894
-  _globals['_ADMINSERVICE']._serialized_end=1125
+  _globals['_BACKUPSTOREREQUEST']._serialized_start=775
+  _globals['_BACKUPSTOREREQUEST']._serialized_end=795
+  _globals['_BACKUPCHUNK']._serialized_start=797
+  _globals['_BACKUPCHUNK']._serialized_end=824
+  _globals['_VERIFYSTOREREQUEST']._serialized_start=826
+  _globals['_VERIFYSTOREREQUEST']._serialized_end=846
+  _globals['_VERIFYSTORERESPONSE']._serialized_start=849
+  _globals['_VERIFYSTORERESPONSE']._serialized_end=1048
+  _globals['_STOREKINDCOUNT']._serialized_start=1050
+  _globals['_STOREKINDCOUNT']._serialized_end=1095
+  _globals['_STOREPROBLEM']._serialized_start=1097
+  _globals['_STOREPROBLEM']._serialized_end=1154
+  _globals['_ADMINSERVICE']._serialized_start=1275
+  _globals['_ADMINSERVICE']._serialized_end=1656
 # @@protoc_insertion_point(module_scope)

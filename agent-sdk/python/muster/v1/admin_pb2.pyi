@@ -95,3 +95,49 @@ class RevokeTokenRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class BackupStoreRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class VerifyStoreRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VerifyStoreResponse(_message.Message):
+    __slots__ = ("clean", "records", "problem_count", "problems_by_kind", "problems")
+    CLEAN_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_BY_KIND_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    clean: bool
+    records: _containers.RepeatedCompositeFieldContainer[StoreKindCount]
+    problem_count: int
+    problems_by_kind: _containers.RepeatedCompositeFieldContainer[StoreKindCount]
+    problems: _containers.RepeatedCompositeFieldContainer[StoreProblem]
+    def __init__(self, clean: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[StoreKindCount, _Mapping]]] = ..., problem_count: _Optional[int] = ..., problems_by_kind: _Optional[_Iterable[_Union[StoreKindCount, _Mapping]]] = ..., problems: _Optional[_Iterable[_Union[StoreProblem, _Mapping]]] = ...) -> None: ...
+
+class StoreKindCount(_message.Message):
+    __slots__ = ("kind", "count")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    count: int
+    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class StoreProblem(_message.Message):
+    __slots__ = ("kind", "key", "detail")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    key: str
+    detail: str
+    def __init__(self, kind: _Optional[str] = ..., key: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """AdminService manages who may call Muster. Every method needs the admin
-    role.
+    """AdminService manages who may call Muster, and the store. Every method
+    needs the admin role.
 
     A caller authenticates with `authorization: Bearer <secret>` metadata (or,
     on an mTLS listener, with a client certificate the server maps to a role).
@@ -56,11 +56,21 @@ class AdminServiceStub:
                 request_serializer=muster_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=muster_dot_v1_dot_admin__pb2.Token.FromString,
                 _registered_method=True)
+        self.BackupStore = channel.unary_stream(
+                '/muster.v1.AdminService/BackupStore',
+                request_serializer=muster_dot_v1_dot_admin__pb2.BackupStoreRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.BackupChunk.FromString,
+                _registered_method=True)
+        self.VerifyStore = channel.unary_unary(
+                '/muster.v1.AdminService/VerifyStore',
+                request_serializer=muster_dot_v1_dot_admin__pb2.VerifyStoreRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.VerifyStoreResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """AdminService manages who may call Muster. Every method needs the admin
-    role.
+    """AdminService manages who may call Muster, and the store. Every method
+    needs the admin role.
 
     A caller authenticates with `authorization: Bearer <secret>` metadata (or,
     on an mTLS listener, with a client certificate the server maps to a role).
@@ -93,6 +103,29 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BackupStore(self, request, context):
+        """Streams a backup: the whole store as it was when the call began, while
+        the server goes on serving. The chunks, in order, are the bytes of one
+        backup file (`muster store backup` writes them to a file and
+        `muster store restore` builds a data directory from it); the file
+        carries its own checksum. ABORTED when another backup or verification
+        is under way, or when writes replaced more than the server keeps for a
+        reading (256 MiB) before the backup was read: retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyStore(self, request, context):
+        """Checks every record and index of the store as it was when the call
+        began: that every record decodes, the unfinished, idempotency,
+        workflow and finished indexes agree with the records, and the event
+        log has no gap past what was compacted. ABORTED as for BackupStore.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +144,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=muster_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
                     response_serializer=muster_dot_v1_dot_admin__pb2.Token.SerializeToString,
             ),
+            'BackupStore': grpc.unary_stream_rpc_method_handler(
+                    servicer.BackupStore,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.BackupStoreRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.BackupChunk.SerializeToString,
+            ),
+            'VerifyStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyStore,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.VerifyStoreRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.VerifyStoreResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'muster.v1.AdminService', rpc_method_handlers)
@@ -120,8 +163,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """AdminService manages who may call Muster. Every method needs the admin
-    role.
+    """AdminService manages who may call Muster, and the store. Every method
+    needs the admin role.
 
     A caller authenticates with `authorization: Bearer <secret>` metadata (or,
     on an mTLS listener, with a client certificate the server maps to a role).
@@ -200,6 +243,60 @@ class AdminService:
             '/muster.v1.AdminService/RevokeToken',
             muster_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
             muster_dot_v1_dot_admin__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackupStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/muster.v1.AdminService/BackupStore',
+            muster_dot_v1_dot_admin__pb2.BackupStoreRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.BackupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/VerifyStore',
+            muster_dot_v1_dot_admin__pb2.VerifyStoreRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.VerifyStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
