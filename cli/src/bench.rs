@@ -21,6 +21,8 @@ use muster_sdk::{Agent, AgentState, CancellationToken, Client, NewTask, Output, 
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+mod soak;
+
 /// Which measurements to take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Scenario {
@@ -32,6 +34,9 @@ pub(crate) enum Scenario {
     Agents,
     /// Restart with M stored tasks: time until serving and dispatching.
     Recovery,
+    /// A steady stream of tasks for a long time with a short retention:
+    /// data-directory size and server RSS over time, which must level off.
+    Soak,
 }
 
 /// Durability modes to measure.
@@ -81,6 +86,19 @@ pub(crate) struct BenchArgs {
     /// recovery: share of stored tasks that are unfinished.
     #[arg(long, default_value_t = 0.1)]
     unfinished: f64,
+    /// soak: how long the stream of tasks lasts.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    soak_duration: Duration,
+    /// soak: the server's retention of finished tasks.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    soak_retention: Duration,
+    /// soak: tasks submitted per second.
+    #[arg(long, default_value_t = 500)]
+    soak_rate: u32,
+    /// soak: how often the data directory and the server's memory are
+    /// measured.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    soak_sample: Duration,
 }
 
 /// A `muster serve` child with its data directory.
@@ -101,6 +119,11 @@ const BENCH_CONFIG: &str = "[limits]\nmax_requests_per_second = 1000000\nmax_age
 
 impl ServerProcess {
     fn spawn(data_dir: &Path, durability: &str) -> anyhow::Result<Self> {
+        Self::spawn_with(data_dir, durability, &[])
+    }
+
+    /// Like [`ServerProcess::spawn`], with more `muster serve` arguments.
+    fn spawn_with(data_dir: &Path, durability: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the muster binary")?;
         let mut config = tempfile::NamedTempFile::new().context("writing the server's settings")?;
         std::io::Write::write_all(&mut config, BENCH_CONFIG.as_bytes()).context("writing the server's settings")?;
@@ -110,6 +133,7 @@ impl ServerProcess {
             .arg(config.path())
             .arg("--data-dir")
             .arg(data_dir)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -141,6 +165,11 @@ impl ServerProcess {
     /// Seconds the server's writer has spent applying (and flushing)
     /// batches so far, from its `muster_store_commit_seconds` histogram.
     fn commit_seconds(&self) -> f64 {
+        self.metric(&format!("{}_sum", muster_server::metrics::STORE_COMMIT)).unwrap_or(0.0)
+    }
+
+    /// The value of one series (name and labels as exposed) on /metrics.
+    fn metric(&self, series: &str) -> Option<f64> {
         use std::io::{Read, Write};
         let read = || -> std::io::Result<String> {
             let mut stream = std::net::TcpStream::connect(&self.http)?;
@@ -150,9 +179,9 @@ impl ServerProcess {
             stream.read_to_string(&mut text)?;
             Ok(text)
         };
-        let text = read().unwrap_or_default();
-        let prefix = format!("{}_sum ", muster_server::metrics::STORE_COMMIT);
-        text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0.0)
+        let text = read().ok()?;
+        let prefix = format!("{series} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
     }
 
     /// A field of /proc/PID/status in bytes (VmRSS, VmHWM).
@@ -697,6 +726,7 @@ fn summary_line(name: &str, result: &Value) -> String {
             f(&result["restart_after_kill"]["serving_seconds"]),
             f(&result["restart_after_kill"]["dispatching_seconds"])
         ),
+        "soak" => soak::summary_line(result),
         _ => String::new(),
     }
 }
@@ -734,6 +764,7 @@ pub(crate) async fn run(args: BenchArgs, json_only: bool) -> anyhow::Result<()> 
             }
             Scenario::Agents => ("agents", vec![idle_agents(&args).await?]),
             Scenario::Recovery => ("recovery", vec![recovery(&args).await?]),
+            Scenario::Soak => ("soak", vec![soak::soak(&args, json_only).await?]),
         };
         for result in &results {
             let line = summary_line(name, result);

@@ -409,3 +409,26 @@ async fn a_damaged_backup_is_refused_with_the_reason_and_nothing_is_restored() -
     assert!(forced.status.success(), "{}", text(&forced.stderr));
     Ok(())
 }
+
+/// The soak bench, shortened: a steady stream with a retention of a few
+/// seconds keeps the data directory and the server's memory level, and
+/// retention keeps only a small share of what ran.
+#[test]
+fn a_short_soak_levels_off_and_keeps_only_what_retention_allows() {
+    let out = Command::new(muster_bin())
+        .args(["--output", "json", "bench", "--scenario", "soak"])
+        .args(["--soak-duration", "40s", "--soak-retention", "3s", "--soak-sample", "2s", "--soak-rate", "200"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "soak failed: {}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let soak = &report["scenarios"]["soak"][0];
+    assert_eq!(soak["level"], true, "{soak}");
+    let samples = soak["samples"].as_array().unwrap();
+    assert!(samples.len() >= 15, "{} samples", samples.len());
+    let tasks = soak["tasks"].as_f64().unwrap();
+    assert!(tasks >= 2000.0, "only {tasks} tasks ran");
+    let kept = samples.last().unwrap()["tasks_kept"].as_f64().unwrap();
+    assert!(kept < tasks / 4.0, "{kept} of {tasks} tasks still stored");
+}

@@ -75,7 +75,7 @@ pub(crate) const STORE_RECORDS: &str = "muster_store_records";
 /// When [`STORE_RECORDS`] was last counted.
 pub(crate) const STORE_RECORDS_COUNTED: &str = "muster_store_records_counted_timestamp_seconds";
 /// Records retention removed, by kind.
-pub(crate) const STORE_COMPACTED: &str = "muster_store_compacted_total";
+pub const STORE_COMPACTED: &str = "muster_store_compacted_total";
 /// The `kind` values of [`STORE_COMPACTED`], always exported.
 const COMPACTED_KINDS: [&str; 2] = ["task", "event"];
 /// The oldest event sequence the store still holds (a watch can resume
