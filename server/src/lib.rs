@@ -39,6 +39,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use store_stats::dir_size;
+
 pub use auth::tokens::ADMIN_TOKEN_FILE;
 pub use config::{AuthConfig, CertIdentity, Durability, Limits, ServerConfig, TlsConfig};
 pub use error::Error;

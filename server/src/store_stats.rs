@@ -35,7 +35,10 @@ pub(crate) fn disk_usage(dir: &Path) -> std::io::Result<DiskUsage> {
     Ok(DiskUsage { size_bytes: dir_size(dir)?, free_bytes: free_bytes(dir)? })
 }
 
-fn dir_size(dir: &Path) -> std::io::Result<u64> {
+/// Allocated bytes of every file under `dir`, as `du` counts (what
+/// `muster_store_size_bytes` reports); files vanishing meanwhile are
+/// skipped.
+pub fn dir_size(dir: &Path) -> std::io::Result<u64> {
     let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let mut total = 0u64;
     let mut pending = vec![dir.to_path_buf()];

@@ -5,7 +5,6 @@
 //! must still run exactly once and succeed.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,20 +27,6 @@ const SLOTS: u32 = 64;
 const LEVEL_TOLERANCE: f64 = 0.10;
 const DISK_SLACK_BYTES: f64 = 8.0 * 512.0 * 1024.0;
 const RSS_SLACK_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
-
-/// Bytes the files under `dir` take on disk (allocated blocks, not length).
-fn disk_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .filter_map(Result::ok)
-        .map(|entry| match entry.metadata() {
-            Ok(m) if m.is_dir() => disk_bytes(&entry.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
-}
 
 fn unix_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
@@ -166,7 +151,7 @@ pub(super) async fn soak(args: &BenchArgs, quiet: bool) -> anyhow::Result<Value>
         latencies.sort_by(f64::total_cmp);
         let sample = Sample {
             seconds: started.elapsed().as_secs_f64(),
-            disk_bytes: disk_bytes(dir.path()),
+            disk_bytes: muster_server::dir_size(dir.path()).context("measuring the data directory")?,
             rss_bytes: server.memory("VmRSS"),
             tasks_compacted: server.metric(&compacted).map_or(0, |n| n as u64),
             submitted: submitted.load(Ordering::SeqCst),
