@@ -5,9 +5,9 @@
 //! small passes ([`plan`]), and hands each pass to the scheduler as one
 //! `Expire` command; the scheduler drops what must stay (a task retried
 //! meanwhile, one an unfinished task depends on) and its removal writes go
-//! through the writer like any other. Passes follow each other closely
-//! while there is a backlog (after a restart, say) and every
-//! [`pass_interval`] otherwise.
+//! through the writer like any other. While there is a backlog (after a
+//! restart, say) a pass follows the last after a pause as long as that
+//! pass took; otherwise one runs every [`pass_interval`].
 //!
 //! Invariants:
 //! - A task goes only once its events are gone, so no event ever names a
@@ -28,18 +28,27 @@ use crate::scheduler::engine::Clock;
 use crate::scheduler::{Command, CoreHandle};
 use crate::store::{Removal, Store, StoreError};
 
-/// Finished-index entries read per pass.
-pub(crate) const PASS_TASKS: usize = 256;
+/// Finished-index entries read per pass. Small, so that one pass holds
+/// the writer for a millisecond or two and work behind it barely waits.
+pub(crate) const PASS_TASKS: usize = 64;
 /// Event records (of up to 16 events) cut per pass.
-pub(crate) const PASS_EVENT_RECORDS: usize = 256;
-/// The pause between passes while there is a backlog: the writer serves
-/// other work between them.
-const BACKLOG_PAUSE: Duration = Duration::from_millis(20);
+pub(crate) const PASS_EVENT_RECORDS: usize = 64;
+/// The shortest pause between passes while there is a backlog. The pause
+/// is as long as the pass took, at least this: retention takes at most
+/// about half of the time, and less the busier the writer and the core
+/// are, since a pass waits its turn with them.
+const BACKLOG_PAUSE: Duration = Duration::from_millis(5);
 
 /// How often retention looks for expired work when it has none: a tenth
 /// of the retention, between one second and a minute.
 pub(crate) fn pass_interval(retention: Duration) -> Duration {
     (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// The pause before the next pass: with a backlog, as long as the last
+/// pass `took` (at least [`BACKLOG_PAUSE`]); without, [`pass_interval`].
+fn pause(backlog: bool, took: Duration, retention: Duration) -> Duration {
+    if backlog { took.max(BACKLOG_PAUSE) } else { pass_interval(retention) }
 }
 
 /// One pass: what to remove, and where the next one starts.
@@ -125,6 +134,7 @@ pub(crate) async fn run(
     let mut cursor: Cursor = None;
     let mut failing = false;
     loop {
+        let started = Instant::now();
         let backlog = {
             let cutoff = clock.ms(Instant::now()).saturating_sub(retention_ms);
             match pass(&store, &core, cutoff, &mut cursor).await {
@@ -151,7 +161,7 @@ pub(crate) async fn run(
                 }
             }
         };
-        let wait = if backlog { BACKLOG_PAUSE } else { pass_interval(retention) };
+        let wait = pause(backlog, started.elapsed(), retention);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return,
@@ -181,4 +191,19 @@ async fn pass(
     let events_through = plan.events_through;
     let expired = core.call(|reply| Command::Expire { groups, events_through, reply }).await?;
     Ok((expired.tasks, plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backlog_pauses_as_long_as_the_pass_took_and_idle_passes_wait_the_interval() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(pause(true, Duration::from_millis(12), hour), Duration::from_millis(12));
+        assert_eq!(pause(true, Duration::from_micros(300), hour), BACKLOG_PAUSE);
+        assert_eq!(pause(false, Duration::from_millis(12), hour), Duration::from_secs(60));
+        assert_eq!(pause(false, Duration::ZERO, Duration::from_secs(20)), Duration::from_secs(2));
+        assert_eq!(pause(false, Duration::ZERO, Duration::from_secs(3)), Duration::from_secs(1));
+    }
 }

@@ -17,10 +17,7 @@ use sled::IVec;
 
 use super::StoreError;
 
-/// The trees a reader walks, in order: the records, then the attempt logs.
-pub(super) const TREES: usize = 2;
-pub(super) const RECORDS: usize = 0;
-pub(super) const LOGS: usize = 1;
+use super::layout::TREES;
 
 /// Keys a reader copies per turn on the lock.
 const CHUNK: usize = 256;
@@ -103,27 +100,24 @@ impl<'a> Changes<'a> {
         Self { batch: sled::Batch::default(), tree, index, capture }
     }
 
-    pub(super) fn insert(&mut self, key: Vec<u8>, value: impl Into<IVec>) {
+    pub(super) fn into_batch(self) -> sled::Batch {
+        self.batch
+    }
+}
+
+impl super::layout::Changes for Changes<'_> {
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
         if let Some(capture) = self.capture.as_mut() {
             capture.before_write(self.index, self.tree, &key);
         }
-        self.batch.insert(key, value.into());
+        self.batch.insert(key, value);
     }
 
-    pub(super) fn remove(&mut self, key: impl AsRef<[u8]> + Into<IVec>) {
+    fn remove(&mut self, key: Vec<u8>) {
         if let Some(capture) = self.capture.as_mut() {
-            capture.before_write(self.index, self.tree, key.as_ref());
+            capture.before_write(self.index, self.tree, &key);
         }
         self.batch.remove(key);
-    }
-
-    /// The capture, for a batch on another tree built alongside this one.
-    pub(super) fn capture(&mut self) -> &mut Option<Capture> {
-        self.capture
-    }
-
-    pub(super) fn into_batch(self) -> sled::Batch {
-        self.batch
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod backup;
 mod capture;
+mod layout;
 mod memory;
 mod sled_store;
 #[cfg(test)]

@@ -1,17 +1,6 @@
-//! The default store: one sled tree with prefixed keys, so a batch touching
-//! tasks, events, agents and indexes is one atomic `apply_batch`.
-//!
-//! Keys: `t`+id → task, `u`+id → unfinished marker, `e`+seq → the events
-//! of one batch from that sequence on (at most `EVENTS_PER_RECORD`),
-//! `a`+id → agent, `k`+key → task id, `q`+name → queue settings, `c`+name → token,
-//! `w`+workflow id+task id → workflow membership, `f`+finished-at (ms,
-//! big-endian)+task id → finished index (for retention, oldest first),
-//! `m`+name → store metadata (`event-floor`: the last sequence compacted
-//! away; `finished-index`: the finished index is complete).
-//!
-//! Attempt logs live in a second tree, `logs` (task id + attempt → log),
-//! so their larger records never share leaves with the task records the
-//! scheduler rewrites on every transition.
+//! The default store: one sled tree with prefixed keys (the layout in
+//! `layout`), so a batch touching tasks, events, agents and indexes is one
+//! atomic `apply_batch`. Attempt logs live in a second tree, `logs`.
 //!
 //! Every write goes through one lock shared with `capture`, which reads
 //! the trees at a point in time for exports and verification.
@@ -20,32 +9,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::capture::{self, Changes, LOGS, RECORDS, Reader};
-use super::verify::Checker;
-use super::{Export, Point, Record, RecordCounts, Removal, Store, StoreError, VerifyReport, Write, decode, encode};
-use crate::model::{
-    AgentId, AgentRecord, AttemptLog, Millis, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId,
+use super::capture::{self, Changes, Reader};
+use super::layout::Changes as _;
+use super::layout::{
+    self, AGENT, EVENT, EVENT_FLOOR, FINISHED, FINISHED_INDEX, IDEMPOTENCY, LOGS, META, QUEUE, RECORDS, TASK, TOKEN,
+    UNFINISHED, WORKFLOW, check_log, check_record, decode_events, events_in_record, exported, finished_key, key,
+    log_key, parse_finished_key, task_id_of,
 };
+use super::verify::Checker;
+use super::{Export, Point, RecordCounts, Store, StoreError, VerifyReport, Write, decode, encode};
+use crate::model::{AgentRecord, AttemptLog, Millis, QueueRecord, Task, TaskEvent, TaskId, TokenRecord, WorkflowId};
 
-const TASK: u8 = b't';
-const UNFINISHED: u8 = b'u';
-const EVENT: u8 = b'e';
-/// Events stored under one key. A batch's events go out together, so
-/// grouping them saves a tree operation per event; the bound keeps a leaf
-/// of such records (sled splits leaves past 16 entries) well under sled's
-/// blob threshold of a quarter segment.
-const EVENTS_PER_RECORD: usize = 16;
-const AGENT: u8 = b'a';
-const IDEMPOTENCY: u8 = b'k';
-const QUEUE: u8 = b'q';
 /// sled's own default is 1 GiB, which would dominate the server's memory.
 pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
-const WORKFLOW: u8 = b'w';
-const TOKEN: u8 = b'c';
-const FINISHED: u8 = b'f';
-const META: u8 = b'm';
-const EVENT_FLOOR: &[u8] = b"event-floor";
-const FINISHED_INDEX: &[u8] = b"finished-index";
 /// What the writes during an export or a verification may keep of the
 /// values they replace before the reading is abandoned.
 const CAPTURE_LIMIT_BYTES: usize = 256 << 20;
@@ -77,64 +53,6 @@ impl Drop for SledStore {
 
 fn engine(e: sled::Error) -> StoreError {
     StoreError::Engine(e.to_string())
-}
-
-fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + id.len());
-    k.push(prefix);
-    k.extend_from_slice(id);
-    k
-}
-
-fn finished_key(finished_at: Millis, id: TaskId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(25);
-    k.push(FINISHED);
-    k.extend_from_slice(&finished_at.to_be_bytes());
-    k.extend_from_slice(&id.to_bytes());
-    k
-}
-
-fn parse_finished_key(rest: &[u8]) -> Option<(Millis, TaskId)> {
-    let at = Millis::from_be_bytes(rest.get(..8)?.try_into().ok()?);
-    let id: [u8; 16] = rest.get(8..)?.try_into().ok()?;
-    Some((at, TaskId::from_bytes(id)))
-}
-
-fn workflow_key(workflow: WorkflowId, task: TaskId) -> Vec<u8> {
-    let mut k = key(WORKFLOW, &workflow.to_bytes());
-    k.extend_from_slice(&task.to_bytes());
-    k
-}
-
-fn log_key(task: TaskId, attempt: u32) -> [u8; 20] {
-    let mut k = [0; 20];
-    k[..16].copy_from_slice(&task.to_bytes());
-    k[16..].copy_from_slice(&attempt.to_be_bytes());
-    k
-}
-
-/// An event record: a group of events, or one event as stores before
-/// grouping wrote them.
-fn decode_events(bytes: &[u8]) -> Result<Vec<TaskEvent>, StoreError> {
-    decode::<Vec<TaskEvent>>(bytes).or_else(|_| decode::<TaskEvent>(bytes).map(|event| vec![event]))
-}
-
-/// The events in an event record, from its MessagePack array header alone
-/// (after the version byte); a record that is no array is one event as
-/// stores before grouping wrote it.
-fn events_in_record(bytes: &[u8]) -> u64 {
-    match bytes.get(1..) {
-        Some([b @ 0x90..=0x9f, ..]) => u64::from(b & 0x0f),
-        Some([0xdc, hi, lo, ..]) => u64::from(u16::from_be_bytes([*hi, *lo])),
-        Some([0xdd, a, b, c, d, ..]) => u64::from(u32::from_be_bytes([*a, *b, *c, *d])),
-        _ => 1,
-    }
-}
-
-fn task_id_of(key: &[u8]) -> Result<TaskId, StoreError> {
-    let bytes: [u8; 16] =
-        key.get(1..17).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::Codec("bad task key".into()))?;
-    Ok(TaskId::from_bytes(bytes))
 }
 
 impl SledStore {
@@ -228,24 +146,23 @@ impl SledStore {
         engine(e)
     }
 
-    /// Adds the removal of a finished task to `batch`; its attempt logs,
-    /// in their own tree, go at once (a task left without its logs by a
-    /// crash here is removed again by the next pass).
-    fn remove_task(&self, batch: &mut Changes<'_>, removal: &Removal) -> Result<(), StoreError> {
-        let id = removal.id.to_bytes();
-        let mut logs = Changes::new(&self.logs, LOGS, batch.capture());
-        for k in self.logs.scan_prefix(id).keys() {
-            logs.remove(k.map_err(engine)?);
+    /// Removes the attempt logs of the tasks `writes` remove, in their own
+    /// tree and one batch, ahead of the records (a task left without its
+    /// logs by a crash between the two is removed again by the next pass).
+    fn remove_logs(&self, writes: &[Write], capture: &mut Option<capture::Capture>) -> Result<(), StoreError> {
+        let mut logs = Changes::new(&self.logs, LOGS, capture);
+        let mut any = false;
+        for write in writes {
+            if let Write::Remove(removal) = write {
+                let (start, end) = layout::log_range(removal.id);
+                for k in self.logs.range(start..end).keys() {
+                    logs.remove(k.map_err(engine)?.to_vec());
+                    any = true;
+                }
+            }
         }
-        self.logs.apply_batch(logs.into_batch()).map_err(|e| self.failure(e))?;
-        batch.remove(key(TASK, &id));
-        batch.remove(key(UNFINISHED, &id));
-        batch.remove(finished_key(removal.finished_at, removal.id));
-        if let Some(k) = &removal.idempotency_key {
-            batch.remove(key(IDEMPOTENCY, k.as_bytes()));
-        }
-        if let Some(workflow) = removal.workflow {
-            batch.remove(workflow_key(workflow, removal.id));
+        if any {
+            self.logs.apply_batch(logs.into_batch()).map_err(|e| self.failure(e))?;
         }
         Ok(())
     }
@@ -275,49 +192,22 @@ impl SledStore {
 impl Store for SledStore {
     fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut capture = capture::lock(&self.capture);
+        self.remove_logs(writes, &mut capture)?;
         let mut batch = Changes::new(&self.tree, RECORDS, &mut capture);
-        let mut events: Vec<&TaskEvent> = Vec::new();
         for write in writes {
-            match write {
-                Write::Task(task) => {
-                    let id = task.id.to_bytes();
-                    batch.insert(key(TASK, &id), encode(task)?);
-                    if task.state.is_terminal() {
-                        batch.remove(key(UNFINISHED, &id));
-                        batch.insert(finished_key(task.updated_at, task.id), &[][..]);
-                    } else {
-                        batch.insert(key(UNFINISHED, &id), &[][..]);
-                    }
-                    if let Some(k) = &task.spec.idempotency_key {
-                        batch.insert(key(IDEMPOTENCY, k.as_bytes()), &id[..]);
-                    }
-                    if let Some(workflow) = task.workflow {
-                        batch.insert(workflow_key(workflow, task.id), &[][..]);
-                    }
+            if let Write::CompactEvents { through } = write {
+                let (start, end) = layout::event_range_through(*through);
+                for k in self.tree.range(start..=end).keys() {
+                    batch.remove(k.map_err(engine)?.to_vec());
                 }
-                Write::Reopen { id, finished_at } => batch.remove(finished_key(*finished_at, *id)),
-                Write::Remove(removal) => self.remove_task(&mut batch, removal)?,
-                Write::CompactEvents { through } => {
-                    let end = key(EVENT, &through.to_be_bytes());
-                    for k in self.tree.range(vec![EVENT]..=end).keys() {
-                        batch.remove(k.map_err(engine)?);
-                    }
-                    let floor = self.meta_u64(EVENT_FLOOR)?.max(*through);
-                    batch.insert(key(META, EVENT_FLOOR), &floor.to_be_bytes()[..]);
-                }
-                Write::Queue(queue) => batch.insert(key(QUEUE, queue.name.as_bytes()), encode(queue)?),
-                Write::Token(token) => batch.insert(key(TOKEN, token.name.as_bytes()), encode(token)?),
-                Write::Event(event) => events.push(event),
-                Write::Agent(agent) => batch.insert(key(AGENT, &agent.id.to_bytes()), encode(agent)?),
-                Write::RemoveAgent(id) => batch.remove(key(AGENT, &id.to_bytes())),
+                let floor = self.meta_u64(EVENT_FLOOR)?.max(*through);
+                batch.insert(key(META, EVENT_FLOOR), floor.to_be_bytes().to_vec());
+            } else {
+                layout::changes(write, &mut batch)?;
             }
         }
-        // Sequences only grow, so records never overlap and each is found
-        // by the first sequence it holds.
-        for group in events.chunks(EVENTS_PER_RECORD) {
-            if let Some(first) = group.first() {
-                batch.insert(key(EVENT, &first.sequence.to_be_bytes()), encode(&group)?);
-            }
+        for (k, v) in layout::event_records(writes)? {
+            batch.insert(k, v);
         }
         self.tree.apply_batch(batch.into_batch()).map_err(|e| self.failure(e))
     }
@@ -555,109 +445,11 @@ impl Store for SledStore {
     }
 }
 
-/// What a backup holds of one key: its record, or nothing for an index
-/// entry or a mark (which writing the records back rebuilds).
-fn exported(tree: usize, k: &[u8], v: &[u8]) -> Result<Option<Record>, StoreError> {
-    let named = |what: &str, e: StoreError| StoreError::Codec(format!("{what} record {}: {e}", shown_key(k)));
-    if tree == LOGS {
-        return decode(v).map(|log| Some(Record::Log(log))).map_err(|e| named("log", e));
-    }
-    let record = match k.first().copied() {
-        Some(TASK) => Record::Task(decode(v).map_err(|e| named("task", e))?),
-        Some(EVENT) => Record::Events(decode_events(v).map_err(|e| named("event", e))?),
-        Some(AGENT) => Record::Agent(decode(v).map_err(|e| named("agent", e))?),
-        Some(QUEUE) => Record::Queue(decode(v).map_err(|e| named("queue", e))?),
-        Some(TOKEN) => Record::Token(decode(v).map_err(|e| named("token", e))?),
-        Some(UNFINISHED | IDEMPOTENCY | WORKFLOW | FINISHED | META) => return Ok(None),
-        _ => return Err(StoreError::Codec(format!("a key outside every keyspace: {}", shown_key(k)))),
-    };
-    Ok(Some(record))
-}
-
-/// A key for a message: its keyspace letter, then its bytes in hex.
-fn shown_key(k: &[u8]) -> String {
-    let hex: String = k.iter().skip(1).map(|b| format!("{b:02x}")).collect();
-    match k.first() {
-        Some(&p) if p.is_ascii_graphic() => format!("{}/{hex}", p as char),
-        _ => k.iter().map(|b| format!("{b:02x}")).collect(),
-    }
-}
-
-/// Checks one key of the records tree.
-fn check_record(checker: &mut Checker, k: &[u8], v: &[u8]) {
-    let Some((&prefix, rest)) = k.split_first() else {
-        checker.unknown_key(k);
-        return;
-    };
-    let id = <[u8; 16]>::try_from(rest).ok();
-    match prefix {
-        TASK => match id {
-            Some(id) => checker.task(TaskId::from_bytes(id), decode(v)),
-            None => checker.bad_key("task", rest, "not a task id"),
-        },
-        UNFINISHED => match id {
-            Some(id) => checker.unfinished(TaskId::from_bytes(id)),
-            None => checker.bad_key("unfinished", rest, "not a task id"),
-        },
-        EVENT => match <[u8; 8]>::try_from(rest) {
-            Ok(sequence) => checker.events(u64::from_be_bytes(sequence), decode_events(v)),
-            Err(_) => checker.bad_key("event", rest, "not a sequence"),
-        },
-        AGENT => match id {
-            Some(id) => checker.agent(AgentId::from_bytes(id), decode(v)),
-            None => checker.bad_key("agent", rest, "not an agent id"),
-        },
-        IDEMPOTENCY => match (std::str::from_utf8(rest), <[u8; 16]>::try_from(v)) {
-            (Ok(name), Ok(task)) => checker.idempotency_key(name.to_owned(), TaskId::from_bytes(task)),
-            (Err(_), _) => checker.bad_idempotency_entry(rest, "the key is not UTF-8"),
-            (_, Err(_)) => checker.bad_idempotency_entry(rest, "the value is not a task id"),
-        },
-        QUEUE | TOKEN => match std::str::from_utf8(rest) {
-            Ok(name) if prefix == QUEUE => checker.queue(name, decode(v)),
-            Ok(name) => checker.token(name, decode(v)),
-            Err(_) => {
-                let keyspace = if prefix == QUEUE { "queue" } else { "token" };
-                checker.bad_key(keyspace, rest, "the name is not UTF-8")
-            }
-        },
-        FINISHED => match parse_finished_key(rest).filter(|_| rest.len() == 24) {
-            Some((at, id)) => checker.finished_entry(at, id),
-            None => checker.bad_key("finished", rest, "not a time and a task id"),
-        },
-        META => match rest {
-            EVENT_FLOOR => match <[u8; 8]>::try_from(v) {
-                Ok(floor) => checker.compacted_through(u64::from_be_bytes(floor)),
-                Err(_) => checker.bad_key("meta", rest, "the event floor is not a sequence"),
-            },
-            FINISHED_INDEX => checker.finished_index_complete(),
-            _ => checker.unknown_key(k),
-        },
-        WORKFLOW => match (rest.get(..16), rest.get(16..)) {
-            (Some(workflow), Some(task)) if rest.len() == 32 => {
-                let workflow = WorkflowId::from_bytes(workflow.try_into().unwrap_or_default());
-                checker.workflow_entry(workflow, TaskId::from_bytes(task.try_into().unwrap_or_default()))
-            }
-            _ => checker.bad_key("workflow", rest, "not a workflow id and a task id"),
-        },
-        _ => checker.unknown_key(k),
-    }
-}
-
-/// Checks one key of the logs tree.
-fn check_log(checker: &mut Checker, k: &[u8], v: &[u8]) {
-    match (k.get(..16), k.get(16..)) {
-        (Some(task), Some(attempt)) if k.len() == 20 => checker.log(
-            TaskId::from_bytes(task.try_into().unwrap_or_default()),
-            u32::from_be_bytes(attempt.try_into().unwrap_or_default()),
-            decode(v),
-        ),
-        _ => checker.bad_key("log", k, "not a task id and an attempt"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AgentId;
+    use crate::store::layout::workflow_key;
 
     #[test]
     fn single_event_records_of_earlier_stores_are_still_read() -> Result<(), Box<dyn std::error::Error>> {
