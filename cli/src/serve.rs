@@ -34,9 +34,13 @@ pub(crate) struct ServeArgs {
     /// HTTP listen address (/healthz).
     #[arg(long, env = "MUSTER_HTTP_LISTEN")]
     pub(crate) http_listen: Option<SocketAddr>,
-    /// Where the store lives.
+    /// Where the sled store lives, with the server's own files (the
+    /// admin token) whatever the store.
     #[arg(long, env = "MUSTER_DATA_DIR")]
     pub(crate) data_dir: Option<PathBuf>,
+    /// A PostgreSQL store instead of sled: postgres://USER@HOST:PORT/DB.
+    #[arg(long, env = "MUSTER_STORE")]
+    pub(crate) store: Option<String>,
     /// sync: acknowledge after a flush (default); relaxed: flush periodically.
     #[arg(long, env = "MUSTER_DURABILITY")]
     pub(crate) durability: Option<Durability>,
@@ -130,6 +134,9 @@ impl ServeArgs {
         }
         if let Some(v) = &self.data_dir {
             config.data_dir = v.clone();
+        }
+        if let Some(v) = &self.store {
+            config.store = Some(muster_server::StoreUrl(v.clone()));
         }
         if let Some(v) = self.durability {
             config.durability = v;
@@ -238,11 +245,15 @@ pub(crate) async fn serve(args: &ServeArgs, tls_files: TlsFiles) -> anyhow::Resu
     raise_open_files_limit();
     owner_only_files();
     let (tls, auth, data_dir) = (config.tls.is_some(), config.auth_enabled(), config.data_dir.clone());
+    let store = config.store.clone();
     let shutdown = shutdown_on_signals();
     let server = muster_server::start(config, shutdown).await?;
     say!("muster serving gRPC on {} and HTTP on {}", server.grpc_addr(), server.http_addr());
     if tls || auth {
         say!("  tls {}, authentication {}", if tls { "on" } else { "off" }, if auth { "on" } else { "off" });
+    }
+    if let Some(store) = &store {
+        say!("  store {store:?}");
     }
     let token_file = data_dir.join(muster_server::ADMIN_TOKEN_FILE);
     if auth && token_file.exists() {
@@ -395,6 +406,22 @@ mod tests {
         assert_eq!(load(&["--retention", "0"])?.retention.finished_tasks, Duration::ZERO);
         let err = load(&["--retention", "soon"]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("0 for forever"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_store_is_sled_unless_a_postgres_url_is_given_and_its_password_is_never_shown() -> anyhow::Result<()> {
+        assert_eq!(load(&[])?.store, None);
+        let config = load(&["--store", "postgres://muster:secret@db.internal:5432/muster"])?;
+        let url = config.store.as_ref().map(|u| u.0.as_str());
+        assert_eq!(url, Some("postgres://muster:secret@db.internal:5432/muster"));
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("postgres://muster:***@db.internal:5432/muster") && !shown.contains("secret"),
+            "{shown}"
+        );
+        let err = load(&["--store", "/var/lib/muster"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("store") && err.contains("postgres://"), "{err}");
         Ok(())
     }
 

@@ -71,11 +71,22 @@ async fn sigterm_drains_an_agent_letting_its_running_task_finish() -> TestResult
 
 #[tokio::test]
 async fn a_server_killed_with_sigkill_under_load_loses_nothing_it_acknowledged() -> TestResult {
+    sigkill_under_load(&[]).await
+}
+
+#[tokio::test]
+async fn a_server_on_postgres_killed_with_sigkill_under_load_loses_nothing_it_acknowledged() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    sigkill_under_load(&["--store", &pg.url()]).await
+}
+
+/// Kills the server with SIGKILL under load and starts it again on the
+/// same store (`store`: more `muster serve` arguments).
+async fn sigkill_under_load(store: &[&str]) -> TestResult {
     let dir = tempfile::tempdir()?;
-    let (mut server, endpoint) = spawn_serve_process(
-        dir.path(),
-        &["--durability", "sync", "--lease-ttl", "2s", "--heartbeat-interval", "300ms"],
-    );
+    let mut args = vec!["--durability", "sync", "--lease-ttl", "2s", "--heartbeat-interval", "300ms"];
+    args.extend_from_slice(store);
+    let (mut server, endpoint) = spawn_serve_process(dir.path(), &args);
     let client = Client::connect(endpoint.clone()).await?;
     let (stop, agent) = spawn_agent(&endpoint, "worker", "noop", &[], 8, |_| async { Ok(Output::from("done")) });
 
@@ -122,7 +133,7 @@ async fn a_server_killed_with_sigkill_under_load_loses_nothing_it_acknowledged()
 
     let acknowledged = acknowledged.lock().await.clone();
     let succeeded = succeeded.lock().await.clone();
-    let (_restarted, endpoint) = spawn_serve_process(dir.path(), &[]);
+    let (_restarted, endpoint) = spawn_serve_process(dir.path(), store);
     let client = Client::connect(endpoint).await?;
     for id in &acknowledged {
         let task = client.get(id).await.map_err(|e| format!("acknowledged task {id} was lost: {e}"))?;

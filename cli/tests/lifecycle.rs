@@ -14,7 +14,16 @@ use tokio::sync::{Mutex, Notify};
 
 #[tokio::test]
 async fn a_task_runs_on_an_sdk_agent_and_its_output_and_events_come_back() -> TestResult {
-    let server = spawn_server().await;
+    lifecycle(spawn_server().await).await
+}
+
+#[tokio::test]
+async fn a_task_runs_through_its_lifecycle_on_postgres() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    lifecycle(spawn_server_on_postgres(&pg.url()).await).await
+}
+
+async fn lifecycle(server: TestServer) -> TestResult {
     let client = server.client().await;
     let (stop, agent) = spawn_agent(&server.endpoint, "echo", "echo", &[], 2, |ctx| async move {
         ctx.progress(50, "halfway").await;

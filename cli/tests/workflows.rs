@@ -76,7 +76,16 @@ fn state_of(w: &Workflow, key: &str) -> TaskState {
 
 #[tokio::test]
 async fn diamonds_chains_and_fan_out_fan_in_run_in_dependency_order() -> TestResult {
-    let server = spawn_server().await;
+    dependency_order(spawn_server().await).await
+}
+
+#[tokio::test]
+async fn a_graph_runs_in_dependency_order_on_postgres() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    dependency_order(spawn_server_on_postgres(&pg.url()).await).await
+}
+
+async fn dependency_order(server: TestServer) -> TestResult {
     let client = server.client().await;
     let log: Log = Arc::default();
     let agent = spawn_recording_agent(&server.endpoint, "step", 8, log.clone(), Duration::from_millis(20));
@@ -381,13 +390,26 @@ async fn explain_gives_the_true_cause_for_waiting_tasks() -> TestResult {
 
 #[tokio::test]
 async fn a_workflow_survives_a_server_restart_midway() -> TestResult {
+    restart_midway(&[]).await
+}
+
+#[tokio::test]
+async fn a_workflow_survives_a_server_restart_midway_on_postgres() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    restart_midway(&["--store", &pg.url()]).await
+}
+
+/// A server killed while a workflow's first task runs, and started again
+/// on the same store (`store`: more `muster serve` arguments).
+async fn restart_midway(store: &[&str]) -> TestResult {
     let dir = tempfile::tempdir()?;
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.local_addr()?.port()
     };
     let listen = format!("127.0.0.1:{port}");
-    let args = ["--listen", &listen, "--lease-ttl", "5s", "--heartbeat-interval", "300ms"];
+    let mut args = vec!["--listen", listen.as_str(), "--lease-ttl", "5s", "--heartbeat-interval", "300ms"];
+    args.extend_from_slice(store);
     let spawn = |dir: &std::path::Path| spawn_serve_process(dir, &args).0;
     let mut server = spawn(dir.path());
     let endpoint = format!("http://{listen}");

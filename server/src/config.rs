@@ -35,6 +35,21 @@ impl std::str::FromStr for Durability {
     }
 }
 
+/// The longest idempotency key a PostgreSQL store can index: a B-tree
+/// entry holds at most about 2.7 kB.
+const MAX_PG_KEY_BYTES: usize = 2048;
+
+/// A store URL, shown without its password.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::store::redact_store_url(&self.0))
+    }
+}
+
 /// Everything the server needs to run.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -43,8 +58,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// HTTP address (`/healthz`).
     pub http_listen: SocketAddr,
-    /// Where the sled store lives.
+    /// Where the sled store lives, and the server's own files (the
+    /// bootstrap admin token) whatever the store.
     pub data_dir: PathBuf,
+    /// The PostgreSQL store (`postgres://USER@HOST:PORT/DB`) instead of
+    /// the sled store in `data_dir`.
+    pub store: Option<StoreUrl>,
     /// Flush on every batch, or periodically.
     pub durability: Durability,
     /// The store's page cache, in bytes.
@@ -172,6 +191,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
             data_dir: PathBuf::from("muster-data"),
+            store: None,
             durability: Durability::Sync,
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             relaxed_flush_interval: Duration::from_millis(200),
@@ -226,6 +246,17 @@ impl ServerConfig {
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<(), Error> {
         self.check_exposure()?;
+        if let Some(store) = &self.store
+            && !(store.0.starts_with("postgres://") || store.0.starts_with("postgresql://"))
+        {
+            return Err(Error::invalid("store", "must be a PostgreSQL URL: postgres://USER@HOST:PORT/DB"));
+        }
+        if self.store.is_some() && self.limits.max_idempotency_key_len > MAX_PG_KEY_BYTES {
+            return Err(Error::invalid(
+                "limits.max_idempotency_key_len",
+                format!("must be at most {MAX_PG_KEY_BYTES} with a PostgreSQL store (the longest key it indexes)"),
+            ));
+        }
         if !self.auth.client_certs.is_empty() && self.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
             return Err(Error::invalid(
                 "auth.client_certs",

@@ -20,6 +20,8 @@ mod logs;
 pub mod metrics;
 pub mod model;
 mod net;
+#[cfg(any(test, feature = "test-support"))]
+pub mod pg_cluster;
 mod rate;
 mod retention;
 mod scheduler;
@@ -42,7 +44,7 @@ use tracing::info;
 pub use store_stats::dir_size;
 
 pub use auth::tokens::ADMIN_TOKEN_FILE;
-pub use config::{AuthConfig, CertIdentity, Durability, Limits, ServerConfig, TlsConfig};
+pub use config::{AuthConfig, CertIdentity, Durability, Limits, ServerConfig, StoreUrl, TlsConfig};
 pub use error::Error;
 pub use net::TlsError;
 
@@ -51,7 +53,7 @@ use grpc::agent_server::AgentHandler;
 use grpc::fleet_server::FleetHandler;
 use grpc::task_server::TaskHandler;
 use scheduler::CoreHandle;
-use store::{SledStore, Store, StoreError};
+use store::{PgStore, SledStore, Store, StoreError};
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -124,13 +126,21 @@ impl RunningServer {
     }
 }
 
-/// Opens the sled store in `config.data_dir` and starts serving. The
-/// directory is created mode 0700, or tightened to it, and what it already
-/// holds loses its group and other permissions; files created later follow
-/// the process umask (`muster serve` sets 0077).
+/// Opens the store (PostgreSQL at `config.store`, or sled in
+/// `config.data_dir`) and starts serving. The data directory is created
+/// mode 0700, or tightened to it, and what it already holds loses its
+/// group and other permissions; files created later follow the process
+/// umask (`muster serve` sets 0077).
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
     config.validate()?;
     data_dir::secure(&config.data_dir)?;
+    if let Some(url) = &config.store {
+        let url = url.0.clone();
+        let store = tokio::task::spawn_blocking(move || PgStore::connect(&url))
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::other(e)))??;
+        return serve(config, Arc::new(store), None, shutdown).await;
+    }
     let flush_every = match config.durability {
         Durability::Sync => None,
         Durability::Relaxed => Some(config.relaxed_flush_interval),

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: real servers on 127.0.0.1:0
-//! with sled in a temp dir, real SDK agents, real `muster` processes, and a
-//! TCP proxy that can cut connections.
+//! with sled in a temp dir (or a private PostgreSQL cluster), real SDK
+//! agents, real `muster` processes, and a TCP proxy that can cut
+//! connections.
 
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
@@ -39,6 +40,18 @@ pub fn make_config(dir: &Path) -> ServerConfig {
         cancel_grace: Duration::from_secs(2),
         ..ServerConfig::default()
     }
+}
+
+/// A private PostgreSQL cluster for one test; `None` (said loudly) when
+/// PostgreSQL is not installed and not required.
+pub fn pg_cluster() -> Option<muster_server::pg_cluster::PgCluster> {
+    muster_server::pg_cluster::PgCluster::start().unwrap_or_else(|e| panic!("starting PostgreSQL: {e}"))
+}
+
+/// A server in this process on the PostgreSQL store at `url`.
+pub async fn spawn_server_on_postgres(url: &str) -> TestServer {
+    let url = muster_server::StoreUrl(url.to_owned());
+    spawn_server_with(|c| c.store = Some(url)).await
 }
 
 pub async fn spawn_server() -> TestServer {

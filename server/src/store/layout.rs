@@ -175,6 +175,24 @@ pub(super) fn event_range_through(through: u64) -> (Vec<u8>, Vec<u8>) {
     (vec![EVENT], key(EVENT, &through.to_be_bytes()))
 }
 
+/// Where the event log can be cut, from the values of its first records
+/// in order: after the last of the records that hold nothing later than
+/// `until` (see `Store::events_cut`).
+pub(super) fn events_cut<V: AsRef<[u8]>>(
+    records: impl IntoIterator<Item = Result<V, StoreError>>,
+    until: Millis,
+) -> Result<Option<u64>, StoreError> {
+    let mut cut = None;
+    for record in records {
+        let events = decode_events(record?.as_ref())?;
+        if events.iter().any(|e| e.at > until) {
+            break;
+        }
+        cut = events.iter().map(|e| e.sequence).max().or(cut);
+    }
+    Ok(cut)
+}
+
 /// The first key of a task's attempt logs and the first after them.
 pub(super) fn log_range(task: TaskId) -> (Vec<u8>, Vec<u8>) {
     let id = task.to_bytes();

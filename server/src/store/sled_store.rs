@@ -320,16 +320,8 @@ impl Store for SledStore {
     }
 
     fn events_cut(&self, until: Millis, max_records: usize) -> Result<Option<u64>, StoreError> {
-        let mut cut = None;
-        for item in self.tree.scan_prefix([EVENT]).take(max_records) {
-            let (_, v) = item.map_err(engine)?;
-            let events = decode_events(&v)?;
-            if events.iter().any(|e| e.at > until) {
-                break;
-            }
-            cut = events.iter().map(|e| e.sequence).max().or(cut);
-        }
-        Ok(cut)
+        let records = self.tree.scan_prefix([EVENT]).values().take(max_records);
+        layout::events_cut(records.map(|v| v.map_err(engine)), until)
     }
 
     fn finished_tasks(

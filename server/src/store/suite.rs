@@ -267,3 +267,52 @@ fn sled_store_passes_the_suite_and_keeps_data_across_reopen() -> Result<(), Box<
     assert_eq!(logged.transpose()?.map(|log| log.dropped), Some(7));
     Ok(())
 }
+
+/// A private PostgreSQL cluster for one test, or `None` when PostgreSQL is
+/// not installed (see [`crate::pg_cluster`]).
+fn pg_cluster() -> Result<Option<crate::pg_cluster::PgCluster>, Box<dyn std::error::Error>> {
+    Ok(crate::pg_cluster::PgCluster::start()?)
+}
+
+#[test]
+fn postgres_store_passes_both_suites_and_keeps_data_across_reconnect() -> Result<(), Box<dyn std::error::Error>> {
+    let Some(cluster) = pg_cluster()? else { return Ok(()) };
+    let suite = cluster.create_database("suite")?;
+    {
+        let store = super::PgStore::connect(&suite)?;
+        run_suite(&store)?;
+    }
+    // A second open finds the schema in place and the data kept.
+    let store = super::PgStore::connect(&suite)?;
+    assert_eq!(store.last_sequence()?, 41);
+    assert_eq!(store.unfinished_tasks()?.len(), 2, "the queued task and the workflow member");
+    assert_eq!(store.tokens()?.len(), 1);
+
+    let retention = cluster.create_database("retention")?;
+    let store = super::PgStore::connect(&retention)?;
+    run_retention_suite(&store)?;
+    assert_eq!((store.compacted_through()?, store.last_sequence()?), (40, 40));
+    Ok(())
+}
+
+#[test]
+fn a_postgres_batch_that_fails_leaves_nothing_behind() -> Result<(), Box<dyn std::error::Error>> {
+    let Some(cluster) = pg_cluster()? else { return Ok(()) };
+    let store = super::PgStore::connect(&cluster.url())?;
+    let kept = make_task(TaskState::Queued, Some("kept"));
+    let event = make_event(1, &kept);
+    // A key past what a PostgreSQL index row can hold (random, so it
+    // does not compress) fails the batch after the task and its event.
+    let random: String = (0..400).map(|_| Ulid::new().to_string()).collect();
+    let refused = make_task(TaskState::Queued, Some(&random));
+    let batch = [Write::Task(kept.clone()), Write::Event(event), Write::Task(refused)];
+    assert!(store.write(&batch).is_err(), "an index row of 10 kB is refused");
+    assert_eq!(store.task(kept.id)?, None);
+    assert_eq!(store.last_sequence()?, 0);
+    assert!(store.idempotency_keys()?.is_empty());
+    assert_eq!(store.record_counts()?, RecordCounts::default());
+    // The store goes on working.
+    store.write(&[Write::Task(kept.clone())])?;
+    assert_eq!(store.task(kept.id)?, Some(kept));
+    Ok(())
+}
