@@ -41,6 +41,14 @@ pub(crate) struct ServeArgs {
     /// A PostgreSQL store instead of sled: postgres://USER@HOST:PORT/DB.
     #[arg(long, env = "MUSTER_STORE")]
     pub(crate) store: Option<String>,
+    /// With --store, how long the leader lease lasts unless renewed, e.g.
+    /// 5s (the default): a standby takes over within about this long.
+    #[arg(long, env = "MUSTER_LEADER_LEASE_TTL", value_parser = humantime::parse_duration)]
+    pub(crate) leader_lease_ttl: Option<Duration>,
+    /// The gRPC endpoint standbys send clients to while this replica
+    /// leads (default: the bound gRPC address).
+    #[arg(long, env = "MUSTER_ADVERTISE")]
+    pub(crate) advertise: Option<String>,
     /// sync: acknowledge after a flush (default); relaxed: flush periodically.
     #[arg(long, env = "MUSTER_DURABILITY")]
     pub(crate) durability: Option<Durability>,
@@ -137,6 +145,12 @@ impl ServeArgs {
         }
         if let Some(v) = &self.store {
             config.store = Some(muster_server::StoreUrl(v.clone()));
+        }
+        if let Some(v) = self.leader_lease_ttl {
+            config.leader_lease_ttl = v;
+        }
+        if let Some(v) = &self.advertise {
+            config.advertise = Some(v.clone());
         }
         if let Some(v) = self.durability {
             config.durability = v;
@@ -422,6 +436,11 @@ mod tests {
         );
         let err = load(&["--store", "/var/lib/muster"]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("store") && err.contains("postgres://"), "{err}");
+        assert_eq!(config.leader_lease_ttl, Duration::from_secs(5));
+        let url = "postgres://muster@db:5432/muster";
+        assert_eq!(load(&["--store", url, "--leader-lease-ttl", "3s"])?.leader_lease_ttl, Duration::from_secs(3));
+        let err = load(&["--store", url, "--leader-lease-ttl", "20s"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("leader_lease_ttl") && err.contains("lease_ttl (15s)"), "{err}");
         Ok(())
     }
 

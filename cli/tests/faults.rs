@@ -77,7 +77,7 @@ async fn a_server_killed_with_sigkill_under_load_loses_nothing_it_acknowledged()
 #[tokio::test]
 async fn a_server_on_postgres_killed_with_sigkill_under_load_loses_nothing_it_acknowledged() -> TestResult {
     let Some(pg) = pg_cluster() else { return Ok(()) };
-    sigkill_under_load(&["--store", &pg.url()]).await
+    sigkill_under_load(&["--store", &pg.url(), "--leader-lease-ttl", "1s"]).await
 }
 
 /// Kills the server with SIGKILL under load and starts it again on the
@@ -135,6 +135,7 @@ async fn sigkill_under_load(store: &[&str]) -> TestResult {
     let succeeded = succeeded.lock().await.clone();
     let (_restarted, endpoint) = spawn_serve_process(dir.path(), store);
     let client = Client::connect(endpoint).await?;
+    wait_until_serving(&client).await;
     for id in &acknowledged {
         let task = client.get(id).await.map_err(|e| format!("acknowledged task {id} was lost: {e}"))?;
         if succeeded.contains(id) {

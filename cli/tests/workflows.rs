@@ -396,7 +396,9 @@ async fn a_workflow_survives_a_server_restart_midway() -> TestResult {
 #[tokio::test]
 async fn a_workflow_survives_a_server_restart_midway_on_postgres() -> TestResult {
     let Some(pg) = pg_cluster() else { return Ok(()) };
-    restart_midway(&["--store", &pg.url()]).await
+    // The replica started after the kill stands by until the lease of the
+    // killed one expires: well within the agents' lease of 5 s.
+    restart_midway(&["--store", &pg.url(), "--leader-lease-ttl", "1s"]).await
 }
 
 /// A server killed while a workflow's first task runs, and started again
@@ -440,6 +442,7 @@ async fn restart_midway(store: &[&str]) -> TestResult {
     server.kill9();
     let _server = spawn(dir.path());
     let client = Client::connect(endpoint.clone()).await?;
+    wait_until_serving(&client).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     for key in ["rival", "sibling", "after"] {
         let task = submitted.tasks.iter().find(|t| t.spec.key == key).ok_or(key)?;

@@ -64,6 +64,14 @@ pub struct ServerConfig {
     /// The PostgreSQL store (`postgres://USER@HOST:PORT/DB`) instead of
     /// the sled store in `data_dir`.
     pub store: Option<StoreUrl>,
+    /// With a PostgreSQL store, how long the leader lease lasts unless
+    /// renewed: a standby takes over within about this long of a leader's
+    /// loss.
+    #[serde(with = "humantime_serde")]
+    pub leader_lease_ttl: Duration,
+    /// The gRPC endpoint other replicas send clients to when this one
+    /// leads (default: `http(s)://` and the bound gRPC address).
+    pub advertise: Option<String>,
     /// Flush on every batch, or periodically.
     pub durability: Durability,
     /// The store's page cache, in bytes.
@@ -192,6 +200,8 @@ impl Default for ServerConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
             data_dir: PathBuf::from("muster-data"),
             store: None,
+            leader_lease_ttl: Duration::from_secs(5),
+            advertise: None,
             durability: Durability::Sync,
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             relaxed_flush_interval: Duration::from_millis(200),
@@ -250,6 +260,19 @@ impl ServerConfig {
             && !(store.0.starts_with("postgres://") || store.0.starts_with("postgresql://"))
         {
             return Err(Error::invalid("store", "must be a PostgreSQL URL: postgres://USER@HOST:PORT/DB"));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.leader_lease_ttl) {
+            return Err(Error::invalid("leader_lease_ttl", "must be between 1s and 10m"));
+        }
+        if self.store.is_some() && self.leader_lease_ttl >= self.lease_ttl {
+            return Err(Error::invalid(
+                "leader_lease_ttl",
+                format!(
+                    "must be shorter than lease_ttl ({}): agents wait that long for a new leader before they give up \
+                     their running work",
+                    humantime::format_duration(self.lease_ttl)
+                ),
+            ));
         }
         if self.store.is_some() && self.limits.max_idempotency_key_len > MAX_PG_KEY_BYTES {
             return Err(Error::invalid(

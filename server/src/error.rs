@@ -78,4 +78,8 @@ pub enum StoreError {
     /// under way, or the writes outran it); retrying later can succeed.
     #[error("{0}")]
     Conflict(String),
+    /// A write refused because this server no longer holds the leader
+    /// lease it wrote under (PostgreSQL store with replicas).
+    #[error("{0}")]
+    Fenced(String),
 }

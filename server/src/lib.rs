@@ -16,6 +16,7 @@ mod data_dir;
 pub mod error;
 mod grpc;
 mod http;
+mod leader;
 mod logs;
 pub mod metrics;
 pub mod model;
@@ -139,7 +140,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
         let store = tokio::task::spawn_blocking(move || PgStore::connect(&url))
             .await
             .map_err(|e| ServerError::Io(std::io::Error::other(e)))??;
-        return serve(config, Arc::new(store), None, shutdown).await;
+        return serve_replicated(config, Arc::new(store), shutdown).await;
     }
     let flush_every = match config.durability {
         Durability::Sync => None,
@@ -172,32 +173,95 @@ async fn serve(
 ) -> Result<RunningServer, ServerError> {
     config.validate()?;
     let config = Arc::new(config);
-    let tls = config.tls.as_ref().map(net::TlsReloader::load).transpose()?.map(Arc::new);
+    let listeners = Listeners::bind(&config, &shutdown).await?;
+    // Alone on its store, this server always leads.
+    let metrics = metrics::Metrics::new()?;
+    metrics.observe_leadership(true, 0);
+    lead(config, store, store_dir, listeners, metrics, None, shutdown).await
+}
+
+/// Serves as one replica of several on a PostgreSQL store: a standby
+/// until it takes the leader lease, then the leader until it stops or
+/// loses the lease.
+async fn serve_replicated(
+    config: ServerConfig,
+    store: Arc<PgStore>,
+    shutdown: CancellationToken,
+) -> Result<RunningServer, ServerError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let mut listeners = Listeners::bind(&config, &shutdown).await?;
+    let metrics = metrics::Metrics::new()?;
+    let (grpc_addr, http_addr) = (listeners.grpc_addr, listeners.http_addr);
+    let token = shutdown.clone();
+    let done = tokio::spawn(async move {
+        let replica = leader::Replica::new(&config, store.clone(), grpc_addr);
+        let Some(held) = replica.standby(&config, &mut listeners, &metrics, &token).await else {
+            info!("muster standby stopped");
+            return Ok(());
+        };
+        let store: Arc<dyn Store> = store;
+        let running = lead(config, store, None, listeners, metrics, Some(held), token).await?;
+        running.wait().await
+    });
+    Ok(RunningServer { grpc_addr, http_addr, shutdown, done })
+}
+
+/// The server's listeners, accepting (and doing the TLS handshake) from
+/// the moment they are bound, whichever server then takes the connections.
+pub(crate) struct Listeners {
+    tls: Option<Arc<net::TlsReloader>>,
+    pub(crate) grpc: mpsc::Receiver<net::Conn>,
+    pub(crate) http: mpsc::Receiver<net::Conn>,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+impl Listeners {
+    async fn bind(config: &ServerConfig, shutdown: &CancellationToken) -> Result<Self, ServerError> {
+        let tls = config.tls.as_ref().map(net::TlsReloader::load).transpose()?.map(Arc::new);
+        let certs = Arc::new(auth::CertIdentities::new(&config.auth.client_certs));
+        let grpc_listener = TcpListener::bind(config.listen).await?;
+        let http_listener = TcpListener::bind(config.http_listen).await?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+        let limits = &config.limits;
+        let grpc =
+            net::accept(grpc_listener, net::Protocol::Grpc, tls.clone(), certs.clone(), limits, shutdown.clone());
+        let http = net::accept(http_listener, net::Protocol::Http, tls.clone(), certs, limits, shutdown.clone());
+        if let Some(tls) = &tls {
+            tokio::spawn(tls.clone().watch(shutdown.clone()));
+        }
+        Ok(Self { tls, grpc, http, grpc_addr, http_addr })
+    }
+}
+
+/// Runs the scheduler and every service on `listeners`. `held`: the
+/// leader lease this replica runs under, renewed while it serves and
+/// released when it stops.
+async fn lead(
+    config: Arc<ServerConfig>,
+    store: Arc<dyn Store>,
+    store_dir: Option<std::path::PathBuf>,
+    listeners: Listeners,
+    metrics: Arc<metrics::Metrics>,
+    held: Option<leader::Held>,
+    shutdown: CancellationToken,
+) -> Result<RunningServer, ServerError> {
+    let Listeners { tls, grpc: grpc_conns, http: http_conns, grpc_addr, http_addr } = listeners;
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let tokens = Arc::new(auth::TokenTable::new(auth::bootstrap(&config, store.as_ref(), now_ms)?));
-    let certs = Arc::new(auth::CertIdentities::new(&config.auth.client_certs));
     let gate =
         Arc::new(auth::gate::Gate::new(config.auth_enabled(), tokens.clone(), config.limits.max_requests_per_second));
-    let grpc_listener = TcpListener::bind(config.listen).await?;
-    let http_listener = TcpListener::bind(config.http_listen).await?;
-    let grpc_addr = grpc_listener.local_addr()?;
-    let http_addr = http_listener.local_addr()?;
-    let limits = &config.limits;
-    let grpc_conns =
-        net::accept(grpc_listener, net::Protocol::Grpc, tls.clone(), certs.clone(), limits, shutdown.clone());
-    let http_conns = net::accept(http_listener, net::Protocol::Http, tls.clone(), certs, limits, shutdown.clone());
-    if let Some(tls) = &tls {
-        tokio::spawn(tls.clone().watch(shutdown.clone()));
-    }
 
     let core = scheduler::engine::Core::recover(config.clone(), store.clone(), tokio::time::Instant::now())?;
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (outboxes, outbox_rx) = mpsc::channel(WRITER_QUEUE);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
-    let metrics = metrics::Metrics::new()?;
     let (log_hub, ended_logs) = logs::LogHub::new(store.clone(), &config.limits, metrics.clone());
     let log_hub = Arc::new(log_hub);
     let fault = supervise::Fault::new(shutdown.clone());
+    let holding = held.clone().map(|held| tokio::spawn(held.hold(metrics.clone(), fault.clone(), shutdown.clone())));
     let writer = scheduler::driver::Writer::new(
         store.clone(),
         config.durability,
@@ -292,8 +356,13 @@ async fn serve(
             tokio_stream::StreamExt::map(ReceiverStream::new(grpc_conns), Ok::<_, std::io::Error>),
             shutdown.clone().cancelled_owned(),
         );
-    let router = http::router(http::HttpState { shutdown: shutdown.clone(), fault: fault.clone(), core, metrics })
-        .layer(axum::middleware::from_fn_with_state(gate, auth::gate::http_gate));
+    let router = http::router(http::HttpState {
+        shutdown: shutdown.clone(),
+        fault: fault.clone(),
+        core,
+        metrics: metrics.clone(),
+    })
+    .layer(axum::middleware::from_fn_with_state(gate, auth::gate::http_gate));
     let http = http::serve(http_conns, router, config.limits.handshake_timeout, shutdown.clone());
 
     info!(
@@ -321,6 +390,13 @@ async fn serve(
         let joined = tokio::task::spawn_blocking(move || writer.join()).await.map_err(std::io::Error::other)?;
         if joined.is_err() {
             fault.raise("the store writer panicked");
+        }
+        // Everything is written: a standby may take over at once.
+        if let Some(holding) = holding {
+            let _ = holding.await;
+        }
+        if let Some(held) = &held {
+            held.resign(&metrics).await;
         }
         if let Some(reason) = fault.reason() {
             return Err(ServerError::Fatal(reason.to_owned()));

@@ -81,6 +81,12 @@ const COMPACTED_KINDS: [&str; 2] = ["task", "event"];
 /// The oldest event sequence the store still holds (a watch can resume
 /// from one before it).
 pub(crate) const STORE_OLDEST_SEQUENCE: &str = "muster_store_oldest_sequence";
+/// 1 while this replica leads (PostgreSQL store), 0 while it stands by.
+pub(crate) const LEADER: &str = "muster_leader";
+/// The epoch of the lease this replica holds or last held.
+pub(crate) const LEADER_EPOCH: &str = "muster_leader_epoch";
+/// Times this replica took the lease over from another.
+pub(crate) const LEADER_FAILOVERS: &str = "muster_leader_failovers_total";
 /// gRPC requests finished.
 pub(crate) const GRPC_REQUESTS: &str = "muster_grpc_requests_total";
 /// gRPC request latency (stream lifetime for streaming calls).
@@ -251,6 +257,9 @@ pub struct Metrics {
     store_records_counted: GaugeVec,
     store_compacted: IntCounterVec,
     store_oldest_sequence: IntGauge,
+    leader: IntGauge,
+    leader_epoch: IntGauge,
+    leader_failovers: prometheus::IntCounter,
     /// Serialises scrapes: each resets and refills the state gauges.
     render: Mutex<()>,
 }
@@ -390,6 +399,22 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            leader: {
+                let g = IntGauge::new(LEADER, "1 while this replica leads, 0 while it stands by (PostgreSQL store).")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            leader_epoch: {
+                let g = IntGauge::new(LEADER_EPOCH, "The epoch of the leader lease this replica holds or last held.")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            leader_failovers: {
+                let c =
+                    prometheus::IntCounter::new(LEADER_FAILOVERS, "Times this replica took the leader lease over.")?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             render: Mutex::new(()),
             registry,
         };
@@ -449,6 +474,17 @@ impl Metrics {
         self.store_compacted.with_label_values(&["task"]).inc_by(tasks);
         self.store_compacted.with_label_values(&["event"]).inc_by(events);
         self.store_oldest_sequence.set(i64::try_from(oldest_sequence).unwrap_or(i64::MAX));
+    }
+
+    /// Whether this replica leads, and under which epoch.
+    pub(crate) fn observe_leadership(&self, leads: bool, epoch: i64) {
+        self.leader.set(i64::from(leads));
+        self.leader_epoch.set(epoch);
+    }
+
+    /// This replica took the lease over from another.
+    pub(crate) fn observe_failover(&self) {
+        self.leader_failovers.inc();
     }
 
     /// Records one finished gRPC call.

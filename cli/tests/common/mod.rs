@@ -51,7 +51,12 @@ pub fn pg_cluster() -> Option<muster_server::pg_cluster::PgCluster> {
 /// A server in this process on the PostgreSQL store at `url`.
 pub async fn spawn_server_on_postgres(url: &str) -> TestServer {
     let url = muster_server::StoreUrl(url.to_owned());
-    spawn_server_with(|c| c.store = Some(url)).await
+    spawn_server_with(|c| {
+        c.store = Some(url);
+        // Shorter than the agents' lease of the tests.
+        c.leader_lease_ttl = Duration::from_secs(1);
+    })
+    .await
 }
 
 pub async fn spawn_server() -> TestServer {
@@ -99,6 +104,16 @@ where
     let token = CancellationToken::new();
     let handle = tokio::spawn(agent.run_until(token.clone()));
     (token, handle)
+}
+
+/// Waits until the server at `client` serves (a replica on PostgreSQL
+/// stands by until the lease of the one before it expires).
+pub async fn wait_until_serving(client: &Client) {
+    eventually(Duration::from_secs(30), "the server to lead and serve", || async {
+        !matches!(client.get("01J00000000000000000000000").await,
+            Err(muster_sdk::Error::Status(s)) if s.code() == tonic::Code::Unavailable)
+    })
+    .await;
 }
 
 /// Waits until `check` holds, polling; fails after `timeout`.

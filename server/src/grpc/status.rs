@@ -18,6 +18,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::Unavailable(_) => Status::unavailable(message),
             Error::Store(StoreError::Conflict(_)) => Status::aborted(message),
+            Error::Store(StoreError::Unavailable(_) | StoreError::Fenced(_)) => Status::unavailable(message),
             Error::Store(_) => Status::internal(message),
         }
     }

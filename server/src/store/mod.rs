@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 
 pub use backup::{BackupError, Header, Totals};
 pub use memory::MemoryStore;
-pub use postgres::{PgStore, redact as redact_store_url};
+pub use postgres::{Lease, PgStore, redact as redact_store_url};
 pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 pub use verify::{MAX_LISTED_PROBLEMS, Problem, ProblemKind, RecordCounts, VerifyReport};
 

@@ -21,6 +21,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
@@ -44,11 +47,26 @@ const CHUNKS_AHEAD: usize = 2;
 const EVENT_PAGE: i64 = 64;
 
 /// The migrations, in order; a version once released never changes.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE muster_records (k bytea PRIMARY KEY, v bytea NOT NULL);
-     CREATE TABLE muster_logs (k bytea PRIMARY KEY, v bytea NOT NULL);",
-)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE muster_records (k bytea PRIMARY KEY, v bytea NOT NULL);
+         CREATE TABLE muster_logs (k bytea PRIMARY KEY, v bytea NOT NULL);",
+    ),
+    (
+        2,
+        "CREATE TABLE muster_leader (
+             id integer PRIMARY KEY CHECK (id = 1),
+             holder text NOT NULL,
+             address text NOT NULL,
+             epoch bigint NOT NULL,
+             expires_at timestamptz NOT NULL);
+         INSERT INTO muster_leader VALUES (1, '', '', 0, '-infinity');",
+    ),
+];
+/// The channel a leader that resigns notifies, so standbys take over at
+/// once instead of when the lease would have expired.
+const RESIGN_CHANNEL: &str = "muster_leader";
 /// Any fixed number, the same in every replica: the advisory lock that
 /// serializes migrations.
 const MIGRATION_LOCK: i64 = 0x6d75_7374_6572;
@@ -61,6 +79,25 @@ pub struct PgStore {
     runtime: Runtime,
     /// The URL without its password, for messages.
     shown: String,
+    /// The connection settings, for the connection that listens for
+    /// resignations.
+    config: tokio_postgres::Config,
+    /// The epoch of the leader lease this process holds: once set, every
+    /// write first checks the lease still has it (fencing). 0: unfenced.
+    fence: Arc<AtomicI64>,
+}
+
+/// The leader lease as the database holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Who holds (or last held) it.
+    pub holder: String,
+    /// The gRPC endpoint of its holder.
+    pub address: String,
+    /// Bumped by every takeover; 0 before the first.
+    pub epoch: i64,
+    /// Not expired, on the database's clock.
+    pub live: bool,
 }
 
 impl fmt::Debug for PgStore {
@@ -178,7 +215,8 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Unavailable(format!("starting the PostgreSQL store's runtime: {e}")))?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = {
             let _entered = runtime.enter();
             Pool::builder(manager)
@@ -187,7 +225,7 @@ impl PgStore {
                 .build()
                 .map_err(|e| StoreError::Unavailable(format!("the PostgreSQL connection pool: {e}")))?
         };
-        let store = Self { pool, runtime: Runtime(Some(runtime)), shown };
+        let store = Self { pool, runtime: Runtime(Some(runtime)), shown, config, fence: Arc::default() };
         store.run(|pool| async move { migrate(&pool).await }).map_err(|e| match e {
             StoreError::Unavailable(message) => {
                 StoreError::Unavailable(format!("cannot reach the store at {}: {message}", redact(url)))
@@ -318,6 +356,134 @@ enum Chunk {
     End,
 }
 
+/// The leader lease: one row, taken when it has expired (bumping the
+/// epoch), renewed by its holder, released at once on a clean shutdown.
+/// Times are the database's, so replicas' clocks do not matter.
+impl PgStore {
+    /// Runs `job` on the store's runtime without blocking the caller's.
+    async fn call<T, F>(&self, job: impl FnOnce(Pool) -> F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let runtime = self.runtime.0.as_ref().ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = job(self.pool.clone());
+        runtime.spawn(async move {
+            let _ = tx.send(job.await);
+        });
+        rx.await.map_err(|_| StoreError::Unavailable("the PostgreSQL store's runtime stopped".into()))?
+    }
+
+    /// The lease as it stands.
+    pub async fn lease(&self) -> Result<Lease, StoreError> {
+        self.call(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_one("SELECT holder, address, epoch, expires_at > now() FROM muster_leader WHERE id = 1", &[])
+                .await
+                .map_err(pg)?;
+            Ok(Lease { holder: row.get(0), address: row.get(1), epoch: row.get(2), live: row.get(3) })
+        })
+        .await
+    }
+
+    /// Takes the lease for `ttl` if it has expired (or was released):
+    /// the new epoch, after which every write of this store is fenced by
+    /// it; `None` while another holds it.
+    pub async fn acquire_lease(&self, holder: &str, address: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+        let (holder, address, ttl_ms) = (holder.to_owned(), address.to_owned(), millis(ttl));
+        let epoch = self
+            .call(|pool| async move {
+                let client = pool.get().await.map_err(pool_error)?;
+                let row = client
+                    .query_opt(
+                        "UPDATE muster_leader SET holder = $1, address = $2, epoch = epoch + 1, \
+                         expires_at = now() + $3::bigint * interval '1 millisecond' \
+                         WHERE id = 1 AND expires_at <= now() RETURNING epoch",
+                        &[&holder, &address, &ttl_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(row.map(|r| r.get::<_, i64>(0)))
+            })
+            .await?;
+        if let Some(epoch) = epoch {
+            self.fence.store(epoch, Ordering::SeqCst);
+        }
+        Ok(epoch)
+    }
+
+    /// Extends the lease this holder has at `epoch` by `ttl` from now:
+    /// false when it has passed to another.
+    pub async fn renew_lease(&self, holder: &str, epoch: i64, ttl: Duration) -> Result<bool, StoreError> {
+        let (holder, ttl_ms) = (holder.to_owned(), millis(ttl));
+        self.call(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let renewed = client
+                .execute(
+                    "UPDATE muster_leader SET expires_at = now() + $3::bigint * interval '1 millisecond' \
+                     WHERE id = 1 AND holder = $1 AND epoch = $2",
+                    &[&holder, &epoch, &ttl_ms],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(renewed == 1)
+        })
+        .await
+    }
+
+    /// Releases the lease at `epoch` at once and tells the standbys.
+    pub async fn resign_lease(&self, holder: &str, epoch: i64) -> Result<(), StoreError> {
+        let holder = holder.to_owned();
+        self.call(|pool| async move {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg)?;
+            tx.execute(
+                "UPDATE muster_leader SET expires_at = '-infinity' WHERE id = 1 AND holder = $1 AND epoch = $2",
+                &[&holder, &epoch],
+            )
+            .await
+            .map_err(pg)?;
+            tx.batch_execute(&format!("NOTIFY {RESIGN_CHANNEL}")).await.map_err(pg)?;
+            tx.commit().await.map_err(pg)
+        })
+        .await
+    }
+
+    /// A connection that listens for resignations: the receiver gets a
+    /// message for each, and closes when the connection is lost.
+    pub async fn resignations(&self) -> Result<tokio::sync::mpsc::Receiver<()>, StoreError> {
+        let config = self.config.clone();
+        self.call(|_| async move {
+            let (client, mut connection) = config.connect(NoTls).await.map_err(pg)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            // The client waits in `keep` as long as its connection is driven.
+            let (keep, kept) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _kept = kept;
+                while let Some(message) = futures::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    match message {
+                        Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                            let _ = tx.try_send(());
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            client.batch_execute(&format!("LISTEN {RESIGN_CHANNEL}")).await.map_err(pg)?;
+            let _ = keep.send(client);
+            Ok(rx)
+        })
+        .await
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Creates the schema or brings it up to date, in one transaction.
 async fn migrate(pool: &Pool) -> Result<(), StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
@@ -416,9 +582,28 @@ async fn snapshot_chunks(
 }
 
 /// Applies one batch in one transaction.
-async fn write_batch(pool: &Pool, pending: Pending, logs: Vec<KeyRange>) -> Result<(), StoreError> {
+/// Fails unless the lease still has epoch `fence` (0: no check). Called
+/// first in a write transaction: the row lock it takes orders the write
+/// before or after any takeover, so a write after one is refused.
+async fn check_fence(tx: &deadpool_postgres::Transaction<'_>, fence: i64) -> Result<(), StoreError> {
+    if fence == 0 {
+        return Ok(());
+    }
+    let statement = tx.prepare_cached("SELECT epoch FROM muster_leader WHERE id = 1 FOR SHARE").await.map_err(pg)?;
+    let epoch: i64 = tx.query_one(&statement, &[]).await.map_err(pg)?.get(0);
+    if epoch == fence {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced(format!(
+            "this server lost the leadership: it led epoch {fence}, the lease is at {epoch}"
+        )))
+    }
+}
+
+async fn write_batch(pool: &Pool, fence: i64, pending: Pending, logs: Vec<KeyRange>) -> Result<(), StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg)?;
+    check_fence(&tx, fence).await?;
     for (start, end) in &pending.cuts {
         let statement = tx.prepare_cached("DELETE FROM muster_records WHERE k >= $1 AND k <= $2").await.map_err(pg)?;
         tx.execute(&statement, &[start, end]).await.map_err(pg)?;
@@ -493,7 +678,8 @@ impl Store for PgStore {
         for (k, v) in layout::event_records(writes)? {
             layout::Changes::insert(&mut pending, k, v);
         }
-        self.run(|pool| async move { write_batch(&pool, pending, logs).await })
+        let fence = self.fence.load(Ordering::SeqCst);
+        self.run(|pool| async move { write_batch(&pool, fence, pending, logs).await })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -655,16 +841,19 @@ impl Store for PgStore {
 
     fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError> {
         let (k, v) = (log_key(log.task_id, log.attempt).to_vec(), encode(log)?);
+        let fence = self.fence.load(Ordering::SeqCst);
         self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            let statement = client
+            let mut client = pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg)?;
+            check_fence(&tx, fence).await?;
+            let statement = tx
                 .prepare_cached(
                     "INSERT INTO muster_logs (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
                 )
                 .await
                 .map_err(pg)?;
-            client.execute(&statement, &[&k, &v]).await.map_err(pg)?;
-            Ok(())
+            tx.execute(&statement, &[&k, &v]).await.map_err(pg)?;
+            tx.commit().await.map_err(pg)
         })
     }
 

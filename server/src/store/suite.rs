@@ -316,3 +316,45 @@ fn a_postgres_batch_that_fails_leaves_nothing_behind() -> Result<(), Box<dyn std
     assert_eq!(store.task(kept.id)?, Some(kept));
     Ok(())
 }
+
+#[test]
+fn a_postgres_writer_that_lost_the_lease_writes_nothing_and_epochs_only_grow() -> Result<(), Box<dyn std::error::Error>>
+{
+    let Some(cluster) = pg_cluster()? else { return Ok(()) };
+    let (old, new) = (super::PgStore::connect(&cluster.url())?, super::PgStore::connect(&cluster.url())?);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let ttl = Duration::from_secs(1);
+    let first = runtime.block_on(old.acquire_lease("old", "http://old:7070", ttl))?;
+    assert_eq!(first, Some(1));
+    assert_eq!(runtime.block_on(new.acquire_lease("new", "http://new:7070", ttl))?, None, "the lease is held");
+    let task = make_task(TaskState::Queued, Some("before"));
+    old.write(&[Write::Task(task.clone())])?;
+    assert!(runtime.block_on(old.renew_lease("old", 1, ttl))?);
+
+    // The old holder stops renewing; once the lease expires the other takes
+    // it. Expiry is on PostgreSQL's clock, which no test can pause.
+    std::thread::sleep(ttl + Duration::from_millis(200));
+    assert_eq!(runtime.block_on(new.acquire_lease("new", "http://new:7070", ttl))?, Some(2));
+    let lease = runtime.block_on(new.lease())?;
+    assert_eq!(
+        (lease.holder.as_str(), lease.address.as_str(), lease.epoch, lease.live),
+        ("new", "http://new:7070", 2, true)
+    );
+
+    let late = make_task(TaskState::Queued, Some("late"));
+    let refused = old.write(&[Write::Task(late.clone()), Write::Event(make_event(1, &late))]);
+    assert!(matches!(refused, Err(super::StoreError::Fenced(_))), "{refused:?}");
+    let log = AttemptLog { task_id: task.id, attempt: 1, lines: Vec::new(), dropped: 0, next_position: 0 };
+    assert!(matches!(old.put_log(&log), Err(super::StoreError::Fenced(_))));
+    assert!(!runtime.block_on(old.renew_lease("old", 1, ttl))?, "the old epoch cannot be renewed");
+    assert_eq!(new.task(late.id)?, None);
+    assert_eq!(new.last_sequence()?, 0);
+    assert_eq!(new.log(task.id, 1)?, None);
+    assert_eq!(new.task(task.id)?, Some(task), "what it wrote while it led stays");
+
+    // A resignation frees the lease at once, and the next epoch follows.
+    runtime.block_on(new.resign_lease("new", 2))?;
+    assert!(!runtime.block_on(old.lease())?.live);
+    assert_eq!(runtime.block_on(old.acquire_lease("old", "http://old:7070", ttl))?, Some(3));
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! High availability on PostgreSQL with real processes: three `muster
+//! serve` replicas on one private PostgreSQL cluster, SDK agents and a
+//! submitter running while the leader is killed, paused and stopped.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use muster_sdk::{Agent, CancellationToken, Client, NewTask, Output, TaskState};
+use muster_server::store::PgStore;
+use tokio::sync::Mutex;
+
+/// The leader lease of the replicas under test.
+const TTL: Duration = Duration::from_secs(2);
+
+/// One replica: its process, data directory and fixed port (so a restart
+/// comes back at the same address).
+struct Replica {
+    process: Option<Process>,
+    dir: tempfile::TempDir,
+    listen: String,
+    url: String,
+}
+
+impl Replica {
+    fn new(url: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
+        let listen = format!("127.0.0.1:{}", port.unwrap_or_else(|e| panic!("no free port: {e}")));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+        let mut replica = Self { process: None, dir, listen, url: url.to_owned() };
+        replica.start();
+        replica
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    fn start(&mut self) {
+        let ttl = format!("{}s", TTL.as_secs());
+        let args = [
+            "--listen",
+            self.listen.as_str(),
+            "--store",
+            self.url.as_str(),
+            "--leader-lease-ttl",
+            ttl.as_str(),
+            "--lease-ttl",
+            "10s",
+            "--heartbeat-interval",
+            "300ms",
+        ];
+        self.process = Some(spawn_serve_process(self.dir.path(), &args).0);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(process) = &self.process {
+            // SAFETY: kill(2) on the child we spawned and have not reaped.
+            unsafe { libc::kill(process.pid(), signal) };
+        }
+    }
+}
+
+/// Whether the replica at `endpoint` leads: a standby answers UNAVAILABLE,
+/// the leader NOT_FOUND for a task that does not exist.
+async fn leads(endpoint: &str) -> bool {
+    let Ok(client) = Client::connect(endpoint.to_owned()).await else { return false };
+    match client.get("01J00000000000000000000000").await {
+        Err(muster_sdk::Error::Status(status)) => status.code() == tonic::Code::NotFound,
+        _ => false,
+    }
+}
+
+/// The index of the replica that leads, waiting up to `within`.
+async fn leader_of(replicas: &[Replica], within: Duration) -> Option<usize> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        for (i, replica) in replicas.iter().enumerate() {
+            if replica.process.is_some() && leads(&replica.endpoint()).await {
+                return Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// An SDK agent that knows every replica and records each execution.
+fn recording_agent(endpoints: &[String], runs: Arc<Mutex<HashMap<String, u32>>>) -> CancellationToken {
+    let mut builder = Agent::builder("ha-worker")
+        .slots(16)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .handler("noop", move |ctx| {
+            let runs = runs.clone();
+            async move {
+                *runs.lock().await.entry(ctx.task_id().to_owned()).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(Output::from("done"))
+            }
+        });
+    for endpoint in endpoints {
+        builder = builder.server(endpoint.clone());
+    }
+    let agent = builder.build().unwrap_or_else(|e| panic!("agent: {e}"));
+    let token = CancellationToken::new();
+    tokio::spawn(agent.run_until(token.clone()));
+    token
+}
+
+/// Submits one task at a time to whichever replica leads, recording what
+/// was acknowledged, until `stop`.
+fn submitter(
+    endpoints: Vec<String>,
+    acked: Arc<Mutex<Vec<String>>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut at = 0;
+        while !stop.is_cancelled() {
+            let Ok(client) = Client::connect(endpoints[at].clone()).await else {
+                at = (at + 1) % endpoints.len();
+                continue;
+            };
+            match client.submit(NewTask::new("noop").build()).await {
+                Ok(task) => acked.lock().await.push(task.id),
+                Err(_) => {
+                    at = (at + 1) % endpoints.len();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    })
+}
+
+async fn lease(url: &str) -> muster_server::store::Lease {
+    let store = PgStore::connect(url).unwrap_or_else(|e| panic!("connecting to the test database: {e}"));
+    store.lease().await.unwrap_or_else(|e| panic!("reading the lease: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_ten_times_fails_over_within_the_ttl_and_nothing_acknowledged_is_lost() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    let url = pg.url();
+    let mut replicas: Vec<Replica> = (0..3).map(|_| Replica::new(&url)).collect();
+    let endpoints: Vec<String> = replicas.iter().map(Replica::endpoint).collect();
+    let runs = Arc::new(Mutex::new(HashMap::new()));
+    let agent = recording_agent(&endpoints, runs.clone());
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = CancellationToken::new();
+    let submitting = submitter(endpoints.clone(), acked.clone(), stop.clone());
+
+    let mut failovers = Vec::new();
+    let mut epoch = 0;
+    for round in 0..10 {
+        let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+        let now = lease(&url).await;
+        assert!(now.epoch > epoch, "round {round}: epochs only increase ({epoch} then {})", now.epoch);
+        epoch = now.epoch;
+        let before = acked.lock().await.len();
+        eventually(Duration::from_secs(20), "submits to go through", || async {
+            acked.lock().await.len() >= before + 20
+        })
+        .await;
+
+        if let Some(mut process) = replicas[leader].process.take() {
+            process.kill9();
+        }
+        let killed = Instant::now();
+        let next = leader_of(&replicas, TTL + Duration::from_secs(10)).await.ok_or("no replica took over")?;
+        let took = killed.elapsed();
+        assert_ne!(next, leader);
+        assert!(took <= TTL + Duration::from_secs(3), "round {round}: failover took {took:?}");
+        failovers.push(took);
+        // A supervisor starts the killed replica again; it comes back a standby.
+        replicas[leader].start();
+    }
+    stop.cancel();
+    submitting.await?;
+
+    let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads at the end")?;
+    let client = Client::connect(replicas[leader].endpoint()).await?;
+    let acked = acked.lock().await.clone();
+    for id in &acked {
+        let done = tokio::time::timeout(Duration::from_secs(60), client.wait(id)).await??;
+        assert_eq!(done.state, TaskState::Succeeded, "acknowledged task {id}");
+    }
+    let runs = runs.lock().await.clone();
+    let repeated: Vec<(&String, &u32)> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "no agent was lost, so nothing may run twice: {repeated:?}");
+    failovers.sort();
+    println!(
+        "{} acknowledged, all succeeded once; failover min {:?} median {:?} max {:?}",
+        acked.len(),
+        failovers[0],
+        failovers[failovers.len() / 2],
+        failovers[failovers.len() - 1]
+    );
+    agent.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_leadership_over_in_under_a_second() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    let url = pg.url();
+    let mut replicas: Vec<Replica> = (0..2).map(|_| Replica::new(&url)).collect();
+    let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+    let epoch = lease(&url).await.epoch;
+    replicas[leader].signal(libc::SIGTERM);
+    let stopped = Instant::now();
+    let mut process = replicas[leader].process.take().ok_or("no process")?;
+    let next = leader_of(&replicas, Duration::from_secs(10)).await.ok_or("no replica took over")?;
+    let took = stopped.elapsed();
+    assert_ne!(next, leader);
+    assert!(took < Duration::from_secs(1), "handover took {took:?}");
+    assert_eq!(lease(&url).await.epoch, epoch + 1);
+    let status = tokio::task::spawn_blocking(move || process.child.wait()).await??;
+    assert!(status.success(), "a resigning leader exits cleanly: {status:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_ttl_is_fenced_and_steps_down() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    let url = pg.url();
+    let mut replicas: Vec<Replica> = (0..2).map(|_| Replica::new(&url)).collect();
+    let endpoints: Vec<String> = replicas.iter().map(Replica::endpoint).collect();
+    let runs = Arc::new(Mutex::new(HashMap::new()));
+    let agent = recording_agent(&endpoints, runs.clone());
+    let old = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+    let epoch = lease(&url).await.epoch;
+
+    replicas[old].signal(libc::SIGSTOP);
+    let next = leader_of(&replicas, TTL * 3).await.ok_or("no replica took over from the paused leader")?;
+    assert_ne!(next, old);
+    let taken = lease(&url).await;
+    assert_eq!(taken.epoch, epoch + 1);
+    // Work goes on under the new leader.
+    let client = Client::connect(replicas[next].endpoint()).await?;
+    let task = client.submit(NewTask::new("noop").build()).await?;
+    assert_eq!(client.wait(&task.id).await?.state, TaskState::Succeeded);
+
+    replicas[old].signal(libc::SIGCONT);
+    let mut process = replicas[old].process.take().ok_or("no process")?;
+    let status =
+        tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || process.child.wait()))
+            .await???;
+    assert!(!status.success(), "the fenced leader stops with an error: {status:?}");
+    let now = lease(&url).await;
+    assert_eq!((now.epoch, now.holder), (taken.epoch, taken.holder), "the old leader took nothing back");
+    assert_eq!(client.get(&task.id).await?.state, TaskState::Succeeded);
+    agent.cancel();
+    Ok(())
+}
