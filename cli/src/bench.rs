@@ -21,6 +21,7 @@ use muster_sdk::{Agent, AgentState, CancellationToken, Client, NewTask, Output, 
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+mod postgres;
 mod soak;
 
 /// Which measurements to take.
@@ -95,6 +96,11 @@ pub(crate) struct BenchArgs {
     /// soak: tasks submitted per second.
     #[arg(long, default_value_t = 500)]
     soak_rate: u32,
+    /// burn-down and latency: run the server on PostgreSQL. Each run gets
+    /// a new database, created from this URL's connection (which needs
+    /// CREATEDB) and dropped after.
+    #[arg(long)]
+    store: Option<String>,
     /// soak: how often the data directory and the server's memory are
     /// measured.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
@@ -105,6 +111,8 @@ pub(crate) struct BenchArgs {
 struct ServerProcess {
     child: Child,
     endpoint: String,
+    /// The PostgreSQL database of this run, dropped after the server.
+    _scratch: Option<postgres::Scratch>,
     /// The HTTP listener's address (`/metrics`).
     http: String,
     /// The settings the server runs with, kept until it stops.
@@ -120,6 +128,16 @@ const BENCH_CONFIG: &str = "[limits]\nmax_requests_per_second = 1000000\nmax_age
 impl ServerProcess {
     fn spawn(data_dir: &Path, durability: &str) -> anyhow::Result<Self> {
         Self::spawn_with(data_dir, durability, &[])
+    }
+
+    /// Like [`ServerProcess::spawn`], on a new PostgreSQL database made
+    /// from `store` when there is one.
+    async fn spawn_on(data_dir: &Path, durability: &str, store: Option<&str>) -> anyhow::Result<Self> {
+        let Some(base) = store else { return Self::spawn(data_dir, durability) };
+        let scratch = postgres::Scratch::create(base).await?;
+        let mut server = Self::spawn_with(data_dir, durability, &["--store", &scratch.url])?;
+        server._scratch = Some(scratch);
+        Ok(server)
     }
 
     /// Like [`ServerProcess::spawn`], with more `muster serve` arguments.
@@ -150,7 +168,7 @@ impl ServerProcess {
         let after = |word: &str| words.iter().position(|w| *w == word).and_then(|i| words.get(i + 2)).copied();
         let addr = after("gRPC").context("no gRPC address from muster serve")?;
         let http = after("HTTP").context("no HTTP address from muster serve")?.to_owned();
-        Ok(Self { endpoint: format!("http://{addr}"), http, child, _config: config })
+        Ok(Self { endpoint: format!("http://{addr}"), http, child, _config: config, _scratch: None })
     }
 
     fn pid(&self) -> u32 {
@@ -398,7 +416,7 @@ async fn verify(client: &Client, submitted: &HashSet<String>, runs: &HashMap<Str
 
 async fn burn_down(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
-    let server = ServerProcess::spawn(dir.path(), durability)?;
+    let server = ServerProcess::spawn_on(dir.path(), durability, args.store.as_deref()).await?;
     let client = Client::connect(server.endpoint.clone()).await?;
     let fleet = Fleet::start(&client, &server.endpoint, args.agents, args.slots, "noop").await?;
     let (succeeded, _, watcher) = watch_successes(&client).await?;
@@ -436,6 +454,7 @@ async fn burn_down(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> 
     let check = finish(&client, &submitted, fleet, watcher, server).await?;
     Ok(json!({
         "durability": durability,
+        "store": if args.store.is_some() { "postgres" } else { "sled" },
         "tasks": args.tasks,
         "agents": args.agents,
         "slots_per_agent": args.slots,
@@ -452,7 +471,7 @@ async fn burn_down(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> 
 
 async fn latency(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
-    let server = ServerProcess::spawn(dir.path(), durability)?;
+    let server = ServerProcess::spawn_on(dir.path(), durability, args.store.as_deref()).await?;
     let client = Client::connect(server.endpoint.clone()).await?;
     let fleet = Fleet::start(&client, &server.endpoint, args.agents, args.slots, "noop").await?;
     let (succeeded, done, watcher) = watch_successes(&client).await?;
@@ -516,6 +535,7 @@ async fn latency(args: &BenchArgs, durability: &str) -> anyhow::Result<Value> {
         && drain_seconds < SUSTAINED_DRAIN.as_secs_f64();
     Ok(json!({
         "durability": durability,
+        "store": if args.store.is_some() { "postgres" } else { "sled" },
         "target_rate": args.rate,
         "achieved_rate": achieved,
         "sustained": sustained,
@@ -694,16 +714,18 @@ fn summary_line(name: &str, result: &Value) -> String {
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     match name {
         "burn_down" => format!(
-            "burn-down  {:<8} {:>9.0} tasks/s end to end, submit {:>9.0}/s, server cpu {:.1}s, peak rss {:.0} MiB",
+            "burn-down  {:<8} {:<8} {:>9.0} tasks/s end to end, submit {:>9.0}/s, server cpu {:.1}s, peak rss {:.0} MiB",
             result["durability"].as_str().unwrap_or(""),
+            result["store"].as_str().unwrap_or(""),
             f(&result["tasks_per_second"]),
             f(&result["submit_tasks_per_second"]),
             f(&result["server_cpu_seconds"]),
             f(&result["server_peak_rss_bytes"]) / 1048576.0
         ),
         "latency" => format!(
-            "latency    {:<8} {:>6.0}/s (sustained: {}, bottleneck: {}), handler start p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, durable result p99 {:.2} ms",
+            "latency    {:<8} {:<8} {:>6.0}/s (sustained: {}, bottleneck: {}), handler start p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, durable result p99 {:.2} ms",
             result["durability"].as_str().unwrap_or(""),
+            result["store"].as_str().unwrap_or(""),
             f(&result["achieved_rate"]),
             result["sustained"],
             result["bottleneck"].as_str().unwrap_or(""),
@@ -739,6 +761,9 @@ pub(crate) async fn run(args: BenchArgs, json_only: bool) -> anyhow::Result<()> 
     } else {
         args.scenario.clone()
     };
+    if args.store.is_some() && scenarios.iter().any(|s| !matches!(s, Scenario::BurnDown | Scenario::Latency)) {
+        bail!("--store applies to the burn-down and latency scenarios: name them with --scenario");
+    }
     let modes: &[&str] = match args.durability {
         Modes::Sync => &["sync"],
         Modes::Relaxed => &["relaxed"],

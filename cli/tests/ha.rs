@@ -255,3 +255,28 @@ async fn a_leader_paused_past_its_ttl_is_fenced_and_steps_down() -> TestResult {
     agent.cancel();
     Ok(())
 }
+
+/// `muster bench --store`: a short burn-down on PostgreSQL, on a database
+/// of its own that is gone afterwards.
+#[tokio::test]
+async fn a_short_burn_down_runs_on_postgres_in_a_scratch_database() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    let out = tokio::process::Command::new(muster_bin())
+        .args(["--output", "json", "bench", "--scenario", "burn-down", "--durability", "sync"])
+        .args(["--tasks", "3000", "--agents", "2", "--slots", "16", "--batch", "100", "--store", &pg.url()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .await?;
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let run = &report["scenarios"]["burn_down"][0];
+    assert_eq!(run["store"], "postgres", "{run}");
+    assert_eq!(run["check"]["ran_exactly_once"], true, "{run}");
+    assert!(run["tasks_per_second"].as_f64().unwrap_or(0.0) > 0.0, "{run}");
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let left: i64 =
+        client.query_one("SELECT count(*) FROM pg_database WHERE datname LIKE 'muster_bench_%'", &[]).await?.get(0);
+    assert_eq!(left, 0, "the scratch database was dropped");
+    Ok(())
+}
