@@ -50,6 +50,10 @@ const FOLLOW_BUFFER: usize = 256;
 const WATCH_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Standby redirects followed from one endpoint while looking for the
+/// leader.
+const MAX_LEADER_REDIRECTS: usize = 3;
+
 /// A cheap-to-clone handle on one server for submitting, watching and
 /// cancelling tasks and steering agents. Clones share the HTTP/2 connection.
 ///
@@ -96,6 +100,49 @@ impl Client {
         let url = normalize_endpoint(&endpoint.into(), credentials.uses_tls())?;
         let channel = make_endpoint(&url, credentials)?.connect().await?;
         Ok(Self::from_channel_with(channel, credentials))
+    }
+
+    /// Connects to the replica that leads among `endpoints` (the servers of
+    /// a highly available deployment; one server that is no replica does as
+    /// well): tries them in order, follows a standby's `muster-leader`
+    /// redirect, and keeps the first server that answers as the leader.
+    /// Fails with the last error when none does. A later failover is not
+    /// followed: connect again.
+    pub async fn connect_leader_with(endpoints: &[String], credentials: &Credentials) -> Result<Client, Error> {
+        let mut last = Error::InvalidEndpoint("no endpoint given".to_owned());
+        for endpoint in endpoints {
+            let mut next = Some(endpoint.clone());
+            let mut hops = 0;
+            while let Some(at) = next.take() {
+                let client = match Self::connect_with(at, credentials).await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                };
+                match client.standby().await {
+                    None => return Ok(client),
+                    Some(status) => {
+                        if hops < MAX_LEADER_REDIRECTS {
+                            next = crate::connect::leader_redirect(&status, credentials.uses_tls());
+                            hops += 1;
+                        }
+                        last = Error::Status(status);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The status a standby answers with, or `None` from a server that
+    /// serves (an empty id reaches the task service and is refused there).
+    async fn standby(&self) -> Option<tonic::Status> {
+        match self.tasks.clone().get_task(proto::GetTaskRequest { id: String::new() }).await {
+            Err(status) if status.code() == Code::Unavailable => Some(status),
+            _ => None,
+        }
     }
 
     /// Wraps an existing channel, for callers that configure TLS, timeouts or

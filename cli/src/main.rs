@@ -30,7 +30,8 @@ use crate::serve::ServeArgs;
 #[derive(Debug, Parser)]
 #[command(name = "muster", version, about)]
 struct Cli {
-    /// The server's gRPC endpoint.
+    /// The server's gRPC endpoint; several, comma-separated, for the
+    /// replicas of a highly available deployment (the leader is found).
     #[arg(long, global = true, env = "MUSTER_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
     /// The bearer token to call the server with.
@@ -326,10 +327,14 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Connects to the server, or to the leader among the comma-separated
+/// servers of a highly available deployment.
 async fn connect(target: &Target) -> anyhow::Result<Client> {
-    Client::connect_with(target.server.clone(), &target.credentials)
+    let endpoints: Vec<String> =
+        target.server.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned).collect();
+    Client::connect_leader_with(&endpoints, &target.credentials)
         .await
-        .with_context(|| format!("cannot reach the muster server at {}", target.server))
+        .with_context(|| format!("cannot reach a muster server that leads at {}", target.server))
 }
 
 pub(crate) fn key_value(field: &str, text: &str) -> anyhow::Result<(String, String)> {

@@ -280,3 +280,30 @@ async fn a_short_burn_down_runs_on_postgres_in_a_scratch_database() -> TestResul
     assert_eq!(left, 0, "the scratch database was dropped");
     Ok(())
 }
+
+/// `--server` takes the replicas comma-separated and finds the leader,
+/// through a standby's redirect too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_finds_the_leader_among_comma_separated_servers() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    let url = pg.url();
+    let replicas: Vec<Replica> = (0..2).map(|_| Replica::new(&url)).collect();
+    let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+    let standby = replicas[1 - leader].endpoint();
+    let cli = |server: String| async move {
+        tokio::process::Command::new(muster_bin())
+            .args(["--server", &server, "--output", "json", "task", "submit", "noop"])
+            .output()
+            .await
+    };
+    for server in [format!("{standby},{}", replicas[leader].endpoint()), standby.clone()] {
+        let out = cli(server.clone()).await?;
+        assert!(out.status.success(), "--server {server}: {}", String::from_utf8_lossy(&out.stderr));
+        let task: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(task["state"], "QUEUED", "{task}");
+    }
+    let dead = "http://127.0.0.1:1".to_owned();
+    let out = cli(format!("{dead},{standby}")).await?;
+    assert!(out.status.success(), "a dead endpoint is skipped: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
