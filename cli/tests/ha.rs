@@ -307,3 +307,116 @@ async fn the_cli_finds_the_leader_among_comma_separated_servers() -> TestResult 
     assert!(out.status.success(), "a dead endpoint is skipped: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+/// What an agent saw of one execution.
+#[derive(Clone, Debug)]
+struct Run {
+    task: String,
+    started: Instant,
+    ended: Instant,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_and_concurrency_keys_are_never_held_twice_across_failovers() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    let url = pg.url();
+    let mut replicas: Vec<Replica> = (0..2).map(|_| Replica::new(&url)).collect();
+    let endpoints: Vec<String> = replicas.iter().map(Replica::endpoint).collect();
+    let runs: Arc<Mutex<Vec<Run>>> = Arc::default();
+    let recorded = runs.clone();
+    let mut builder = Agent::builder("locker")
+        .slots(8)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .handler("locked", move |ctx| {
+            let runs = recorded.clone();
+            async move {
+                let started = Instant::now();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                runs.lock().await.push(Run { task: ctx.task_id().to_owned(), started, ended: Instant::now() });
+                Ok(Output::from("done"))
+            }
+        });
+    for endpoint in &endpoints {
+        builder = builder.server(endpoint.clone());
+    }
+    let stop = CancellationToken::new();
+    tokio::spawn(builder.build()?.run_until(stop.clone()));
+
+    let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+    let client = Client::connect(replicas[leader].endpoint()).await?;
+    let mut exclusive = Vec::new();
+    let mut limited = Vec::new();
+    for i in 0..12 {
+        exclusive
+            .push(client.submit(NewTask::new("locked").exclusive_lock("db").key(format!("x{i}")).build()).await?.id);
+        limited.push(client.submit(NewTask::new("locked").concurrency("k", 2).key(format!("c{i}")).build()).await?.id);
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+        if let Some(mut process) = replicas[leader].process.take() {
+            process.kill9();
+        }
+        leader_of(&replicas, TTL + Duration::from_secs(10)).await.ok_or("no replica took over")?;
+        replicas[leader].start();
+    }
+    let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+    let client = Client::connect(replicas[leader].endpoint()).await?;
+    for id in exclusive.iter().chain(&limited) {
+        let done = tokio::time::timeout(Duration::from_secs(60), client.wait(id)).await??;
+        assert_eq!(done.state, TaskState::Succeeded, "{id}");
+    }
+    let runs = runs.lock().await.clone();
+    let of = |ids: &[String]| -> Vec<Run> { runs.iter().filter(|r| ids.contains(&r.task)).cloned().collect() };
+    // The most runs at once is reached as one of them starts.
+    let most_at_once = |runs: &[Run]| {
+        runs.iter().map(|r| runs.iter().filter(|o| o.started <= r.started && r.started < o.ended).count()).max()
+    };
+    assert_eq!(most_at_once(&of(&exclusive)), Some(1), "the exclusive lock was held twice at once");
+    assert!(most_at_once(&of(&limited)).is_some_and(|n| n <= 2), "concurrency key k exceeded 2");
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_under_load_loses_nothing_acknowledged() -> TestResult {
+    let Some(mut pg) = pg_cluster() else { return Ok(()) };
+    let url = pg.url();
+    let mut replicas: Vec<Replica> = (0..2).map(|_| Replica::new(&url)).collect();
+    let endpoints: Vec<String> = replicas.iter().map(Replica::endpoint).collect();
+    let runs = Arc::new(Mutex::new(HashMap::new()));
+    let agent = recording_agent(&endpoints, runs.clone());
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = CancellationToken::new();
+    let submitting = submitter(endpoints.clone(), acked.clone(), stop.clone());
+    leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+    eventually(Duration::from_secs(20), "submits to go through", || async { acked.lock().await.len() >= 50 }).await;
+
+    pg.restart()?;
+    let before = acked.lock().await.len();
+    // A replica that stepped down comes back, as under a supervisor.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().await.len() < before + 50 {
+        assert!(Instant::now() < deadline, "work did not resume after the restart");
+        for replica in &mut replicas {
+            let exited = replica.process.as_mut().is_some_and(|p| matches!(p.child.try_wait(), Ok(Some(_))));
+            if exited {
+                replica.start();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    submitting.await?;
+
+    let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
+    let client = Client::connect(replicas[leader].endpoint()).await?;
+    let acked = acked.lock().await.clone();
+    for id in &acked {
+        let done = tokio::time::timeout(Duration::from_secs(60), client.wait(id)).await??;
+        assert_eq!(done.state, TaskState::Succeeded, "acknowledged task {id}");
+    }
+    println!("{} acknowledged across a PostgreSQL restart, all succeeded", acked.len());
+    agent.cancel();
+    Ok(())
+}
