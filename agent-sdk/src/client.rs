@@ -18,8 +18,8 @@ use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::fleet_service_client::FleetServiceClient;
 use crate::proto::task_service_client::TaskServiceClient;
 use crate::{
-    AgentInfo, CreatedToken, Credentials, Error, Explanation, LogChunk, QueueInfo, Submission, Task, TaskEvent,
-    TaskPage, TokenInfo, Workflow, proto,
+    AgentInfo, CreatedToken, Credentials, Error, Explanation, LogChunk, QueueInfo, ServerInfo, Submission, Task,
+    TaskEvent, TaskPage, TokenInfo, Workflow, proto,
 };
 
 /// What [`Client::follow`] yields.
@@ -492,6 +492,11 @@ impl Client {
     pub async fn cancel_workflow(&self, id: &str, reason: &str) -> Result<Workflow, Error> {
         let request = proto::CancelWorkflowRequest { id: id.to_owned(), reason: reason.to_owned() };
         Ok(self.tasks.clone().cancel_workflow(request).await?.into_inner().into())
+    }
+
+    /// The server answering: its version, its store and who leads.
+    pub async fn server(&self) -> Result<ServerInfo, Error> {
+        Ok(self.fleet.clone().get_server(proto::GetServerRequest {}).await?.into_inner().into())
     }
 
     /// Every queue with settings or unfinished tasks.

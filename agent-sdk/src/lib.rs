@@ -67,8 +67,8 @@ pub use crate::error::Error;
 pub use crate::log_writer::LogWriter;
 pub use crate::records::{
     AgentInfo, AgentState, Attempt, Concurrency, CreatedToken, EventKind, Explanation, ExplanationReason, Failure,
-    Lock, LockMode, LogChunk, LogLine, Progress, QueueInfo, RetryPolicy, Role, Scope, Submission, Task, TaskEvent,
-    TaskPage, TaskSpecInfo, TaskState, TokenInfo, Workflow, WorkflowTask,
+    Lock, LockMode, LogChunk, LogLine, Progress, QueueInfo, RetryPolicy, Role, Scope, ServerInfo, Submission, Task,
+    TaskEvent, TaskPage, TaskSpecInfo, TaskState, TokenInfo, Workflow, WorkflowTask,
 };
 pub use crate::task::NewTask;
 pub use crate::types::{LogStream, ParentOutput, Priority};

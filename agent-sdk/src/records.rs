@@ -25,7 +25,7 @@ mod workflow;
 
 pub use self::admin::{CreatedToken, Role, Scope, TokenInfo};
 pub use self::events::{EventKind, TaskEvent};
-pub use self::fleet::{AgentInfo, AgentState, QueueInfo};
+pub use self::fleet::{AgentInfo, AgentState, QueueInfo, ServerInfo};
 pub use self::log_chunk::{LogChunk, LogLine};
 pub use self::tasks::{
     Attempt, Concurrency, Failure, Lock, LockMode, Progress, RetryPolicy, Submission, Task, TaskPage, TaskSpecInfo,

@@ -82,6 +82,8 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         agent_slots: u32,
     },
+    /// The server: its version, its store and which replica leads.
+    Status,
     /// Submit, inspect, watch, cancel and retry tasks.
     #[command(subcommand)]
     Task(TaskCommand),
@@ -241,9 +243,12 @@ fn main() -> std::process::ExitCode {
     let service = match cli.command {
         Command::Serve(_) | Command::Dev { .. } => "muster-server",
         Command::ShellAgent { .. } => "muster-agent",
-        Command::Task(_) | Command::Agent(_) | Command::Workflow(_) | Command::Queue(_) | Command::Token(_) => {
-            "muster-cli"
-        }
+        Command::Status
+        | Command::Task(_)
+        | Command::Agent(_)
+        | Command::Workflow(_)
+        | Command::Queue(_)
+        | Command::Token(_) => "muster-cli",
         Command::Bench(_) => "muster-bench",
         Command::Store(_) => "muster-store",
     };
@@ -298,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Dev { serve, agent_slots } => serve::dev(&serve, agent_slots).await?,
         Command::Task(command) => return task(target()?, command, &out).await,
         Command::Agent(command) => agent(target()?, command, &out).await?,
+        Command::Status => out.server(&connect(target()?).await?.server().await?),
         Command::Workflow(command) => {
             let client = connect(target()?).await?;
             if !workflow::workflow(&client, command, &out).await? {

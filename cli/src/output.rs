@@ -233,6 +233,22 @@ impl Output {
         }
     }
 
+    pub(crate) fn server(&self, server: &muster_sdk::ServerInfo) {
+        let v = serde_json::json!({
+            "version": server.version,
+            "store": server.store,
+            "leader": server.leader,
+            "leader_epoch": server.leader_epoch,
+        });
+        if self.json {
+            println!("{v}");
+            return;
+        }
+        for key in ["version", "store", "leader", "leader_epoch"] {
+            println!("{key:<12} {}", text(&v[key]));
+        }
+    }
+
     pub(crate) fn tasks(&self, tasks: &[Task]) {
         if self.json {
             println!("{}", Value::Array(tasks.iter().map(task_json).collect()));

@@ -246,3 +246,17 @@ fn muster_serve_keeps_serving_when_nobody_reads_its_banner() -> TestResult {
     assert!(muster(&endpoint, &["queue", "list"]).status.success());
     Ok(())
 }
+
+#[tokio::test]
+async fn status_names_the_version_the_store_and_this_server_as_leader() -> TestResult {
+    let server = spawn_server().await;
+    let endpoint = server.endpoint.clone();
+    let out = tokio::task::spawn_blocking(move || muster(&endpoint, &["--output", "json", "status"])).await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status["store"], "sled", "{status}");
+    assert_eq!(status["leader"], server.endpoint);
+    assert_eq!(status["leader_epoch"], 0);
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    Ok(())
+}

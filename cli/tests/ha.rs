@@ -305,6 +305,17 @@ async fn the_cli_finds_the_leader_among_comma_separated_servers() -> TestResult 
     let dead = "http://127.0.0.1:1".to_owned();
     let out = cli(format!("{dead},{standby}")).await?;
     assert!(out.status.success(), "a dead endpoint is skipped: {}", String::from_utf8_lossy(&out.stderr));
+
+    // `muster status` names the leader, wherever it is asked.
+    let out = tokio::process::Command::new(muster_bin())
+        .args(["--server", &standby, "--output", "json", "status"])
+        .output()
+        .await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status["leader"], replicas[leader].endpoint(), "{status}");
+    assert_eq!(status["store"], "postgres");
+    assert_eq!(status["leader_epoch"], lease(&url).await.epoch);
     Ok(())
 }
 

@@ -40,6 +40,13 @@ use crate::supervise::Fault;
 /// The metadata key naming the leader in a standby's answers.
 pub(crate) const LEADER_METADATA: &str = "muster-leader";
 
+/// The gRPC endpoint clients are sent to for this server: `advertise`, or
+/// the bound address.
+pub(crate) fn advertised(config: &ServerConfig, grpc_addr: SocketAddr) -> String {
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    config.advertise.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"))
+}
+
 /// How often the lease is renewed, and standbys try to take it.
 fn renew_every(ttl: Duration) -> Duration {
     (ttl / 5).max(Duration::from_millis(50))
@@ -58,7 +65,9 @@ pub(crate) struct Replica {
 pub(crate) struct Held {
     store: Arc<PgStore>,
     holder: String,
-    epoch: i64,
+    /// This replica's gRPC endpoint, which standbys name.
+    pub(crate) address: String,
+    pub(crate) epoch: i64,
     ttl: Duration,
     /// When the request that took the lease was sent: the lease is surely
     /// live until this plus the TTL.
@@ -67,11 +76,7 @@ pub(crate) struct Held {
 
 impl Replica {
     pub(crate) fn new(config: &ServerConfig, store: Arc<PgStore>, grpc_addr: SocketAddr) -> Self {
-        let scheme = if config.tls.is_some() { "https" } else { "http" };
-        let address = match &config.advertise {
-            Some(address) => address.clone(),
-            None => format!("{scheme}://{grpc_addr}"),
-        };
+        let address = advertised(config, grpc_addr);
         let holder = format!("{address} pid {} {}", std::process::id(), ulid::Ulid::new());
         Self { store, holder, address, ttl: config.leader_lease_ttl }
     }
@@ -132,6 +137,7 @@ impl Replica {
                     return Some(Held {
                         store: self.store.clone(),
                         holder: self.holder.clone(),
+                        address: self.address.clone(),
                         epoch,
                         ttl: self.ttl,
                         since,

@@ -312,7 +312,17 @@ async fn lead(
         shutdown: shutdown.clone(),
     };
     let agents = AgentHandler { core: core.clone(), logs: log_hub, config: config.clone(), shutdown: shutdown.clone() };
-    let fleet = FleetHandler { core: core.clone(), config: config.clone() };
+    let leader = match &held {
+        Some(held) => held.address.clone(),
+        None => leader::advertised(&config, grpc_addr),
+    };
+    let server = pb::Server {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        store: store.kind().to_owned(),
+        leader,
+        leader_epoch: held.as_ref().map_or(0, |h| h.epoch),
+    };
+    let fleet = FleetHandler { core: core.clone(), config: config.clone(), server };
     let admin = AdminHandler {
         core: core.clone(),
         tokens,

@@ -164,6 +164,10 @@ mod tests {
     }
 
     impl Store for FailingStore {
+        fn kind(&self) -> &'static str {
+            "failing"
+        }
+
         fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
             self.check_write()?;
             self.inner.write(writes)

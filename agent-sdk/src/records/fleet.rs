@@ -103,6 +103,26 @@ impl From<proto::Agent> for AgentInfo {
     }
 }
 
+/// The server answering, and who leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerInfo {
+    /// The muster version it runs.
+    pub version: String,
+    /// Its store: `sled` (one server) or `postgres` (one or more replicas).
+    pub store: String,
+    /// The gRPC endpoint of the replica that leads (the answering one).
+    pub leader: String,
+    /// The leader lease's epoch: 0 on sled, one more per takeover.
+    pub leader_epoch: i64,
+}
+
+impl From<proto::Server> for ServerInfo {
+    fn from(s: proto::Server) -> Self {
+        Self { version: s.version, store: s.store, leader: s.leader, leader_epoch: s.leader_epoch }
+    }
+}
+
 /// A queue's settings and load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

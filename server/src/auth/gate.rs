@@ -63,6 +63,7 @@ pub const GRPC_METHODS: &[(&str, Access)] = &[
     ("/muster.v1.FleetService/PauseQueue", Needs(Fleet)),
     ("/muster.v1.FleetService/ResumeQueue", Needs(Fleet)),
     ("/muster.v1.FleetService/ConfigureQueue", Needs(Fleet)),
+    ("/muster.v1.FleetService/GetServer", Needs(Read)),
     ("/muster.v1.AdminService/CreateToken", Needs(Admin)),
     ("/muster.v1.AdminService/ListTokens", Needs(Admin)),
     ("/muster.v1.AdminService/RevokeToken", Needs(Admin)),

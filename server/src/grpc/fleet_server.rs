@@ -17,6 +17,8 @@ const MAX_QUEUE_WEIGHT: u32 = 10_000;
 pub(crate) struct FleetHandler {
     pub(crate) core: CoreHandle,
     pub(crate) config: std::sync::Arc<crate::config::ServerConfig>,
+    /// What `GetServer` answers: fixed while this server leads.
+    pub(crate) server: pb::Server,
 }
 
 impl FleetHandler {
@@ -58,6 +60,10 @@ impl pb::fleet_service_server::FleetService for FleetHandler {
         audit(&identity, "agent.drain", &id.to_string());
         let agent = self.core.call(|reply| Command::SetDraining { id, draining: true, reply }).await?;
         Ok(Response::new(convert::agent_to_pb(&agent)))
+    }
+
+    async fn get_server(&self, _: Request<pb::GetServerRequest>) -> Result<Response<pb::Server>, Status> {
+        Ok(Response::new(self.server.clone()))
     }
 
     async fn list_queues(

@@ -45,6 +45,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         for write in writes {

@@ -150,6 +150,9 @@ pub const SEQUENCE_ORIGIN: u64 = 1;
 
 /// The storage seam: everything durable goes through it.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// What kind of store this is (`sled`, `postgres`, `memory`), for
+    /// operators.
+    fn kind(&self) -> &'static str;
     /// Applies `writes` atomically, in order.
     fn write(&self, writes: &[Write]) -> Result<(), StoreError>;
     /// Makes every applied write durable.

@@ -658,6 +658,10 @@ async fn write_batch(pool: &Pool, fence: i64, pending: Pending, logs: Vec<KeyRan
 }
 
 impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
     fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut pending = Pending::default();
         let mut logs = Vec::new();

@@ -190,6 +190,10 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
+
     fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut capture = capture::lock(&self.capture);
         self.remove_logs(writes, &mut capture)?;

@@ -21,6 +21,22 @@ AGENT_STATE_CONNECTED: AgentState
 AGENT_STATE_DRAINING: AgentState
 AGENT_STATE_DISCONNECTED: AgentState
 
+class GetServerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Server(_message.Message):
+    __slots__ = ("version", "store", "leader", "leader_epoch")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    store: str
+    leader: str
+    leader_epoch: int
+    def __init__(self, version: _Optional[str] = ..., store: _Optional[str] = ..., leader: _Optional[str] = ..., leader_epoch: _Optional[int] = ...) -> None: ...
+
 class Queue(_message.Message):
     __slots__ = ("name", "paused", "weight", "max_running", "depth", "running", "oldest_queued_age_seconds")
     class DepthEntry(_message.Message):

@@ -75,6 +75,11 @@ class FleetServiceStub:
                 request_serializer=muster_dot_v1_dot_fleet__pb2.ConfigureQueueRequest.SerializeToString,
                 response_deserializer=muster_dot_v1_dot_fleet__pb2.Queue.FromString,
                 _registered_method=True)
+        self.GetServer = channel.unary_unary(
+                '/muster.v1.FleetService/GetServer',
+                request_serializer=muster_dot_v1_dot_fleet__pb2.GetServerRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_fleet__pb2.Server.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -134,6 +139,13 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServer(self, request, context):
+        """This server: its version, its store and who leads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +188,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.ConfigureQueue,
                     request_deserializer=muster_dot_v1_dot_fleet__pb2.ConfigureQueueRequest.FromString,
                     response_serializer=muster_dot_v1_dot_fleet__pb2.Queue.SerializeToString,
+            ),
+            'GetServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServer,
+                    request_deserializer=muster_dot_v1_dot_fleet__pb2.GetServerRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_fleet__pb2.Server.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +412,33 @@ class FleetService:
             '/muster.v1.FleetService/ConfigureQueue',
             muster_dot_v1_dot_fleet__pb2.ConfigureQueueRequest.SerializeToString,
             muster_dot_v1_dot_fleet__pb2.Queue.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.FleetService/GetServer',
+            muster_dot_v1_dot_fleet__pb2.GetServerRequest.SerializeToString,
+            muster_dot_v1_dot_fleet__pb2.Server.FromString,
             options,
             channel_credentials,
             insecure,
