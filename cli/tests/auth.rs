@@ -51,6 +51,7 @@ const EXPECTED: &[(&str, Option<&[&str]>)] = &[
     ("/muster.v1.FleetService/PauseQueue", Some(FLEET)),
     ("/muster.v1.FleetService/ResumeQueue", Some(FLEET)),
     ("/muster.v1.FleetService/ConfigureQueue", Some(FLEET)),
+    ("/muster.v1.FleetService/GetServer", Some(READ)),
     ("/muster.v1.AdminService/CreateToken", Some(ADMIN)),
     ("/muster.v1.AdminService/ListTokens", Some(ADMIN)),
     ("/muster.v1.AdminService/RevokeToken", Some(ADMIN)),

@@ -22,15 +22,20 @@ struct Replica {
     process: Option<Process>,
     dir: tempfile::TempDir,
     listen: String,
+    http: String,
     url: String,
+}
+
+fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
+    format!("127.0.0.1:{}", port.unwrap_or_else(|e| panic!("no free port: {e}")))
 }
 
 impl Replica {
     fn new(url: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
-        let listen = format!("127.0.0.1:{}", port.unwrap_or_else(|e| panic!("no free port: {e}")));
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
-        let mut replica = Self { process: None, dir, listen, url: url.to_owned() };
+        let mut replica =
+            Self { process: None, dir, listen: free_address(), http: free_address(), url: url.to_owned() };
         replica.start();
         replica
     }
@@ -44,6 +49,8 @@ impl Replica {
         let args = [
             "--listen",
             self.listen.as_str(),
+            "--http-listen",
+            self.http.as_str(),
             "--store",
             self.url.as_str(),
             "--leader-lease-ttl",
@@ -54,6 +61,12 @@ impl Replica {
             "300ms",
         ];
         self.process = Some(spawn_serve_process(self.dir.path(), &args).0);
+    }
+
+    /// One sample of this replica's metrics (`None`: not exported).
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest::get(format!("http://{}/metrics", self.http)).await.ok()?.text().await.ok()?;
+        body.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     fn signal(&self, signal: libc::c_int) {
@@ -209,6 +222,12 @@ async fn sigterm_hands_the_leadership_over_in_under_a_second() -> TestResult {
     let mut replicas: Vec<Replica> = (0..2).map(|_| Replica::new(&url)).collect();
     let leader = leader_of(&replicas, Duration::from_secs(20)).await.ok_or("no replica leads")?;
     let epoch = lease(&url).await.epoch;
+    let standby = &replicas[1 - leader];
+    assert_eq!(replicas[leader].metric("muster_leader").await, Some(1.0));
+    assert_eq!(replicas[leader].metric("muster_leader_epoch").await, Some(epoch as f64));
+    assert_eq!(standby.metric("muster_leader").await, Some(0.0));
+    let health = reqwest::get(format!("http://{}/healthz", standby.http)).await?;
+    assert_eq!(health.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE, "a standby is not healthy to route to");
     replicas[leader].signal(libc::SIGTERM);
     let stopped = Instant::now();
     let mut process = replicas[leader].process.take().ok_or("no process")?;
@@ -217,6 +236,9 @@ async fn sigterm_hands_the_leadership_over_in_under_a_second() -> TestResult {
     assert_ne!(next, leader);
     assert!(took < Duration::from_secs(1), "handover took {took:?}");
     assert_eq!(lease(&url).await.epoch, epoch + 1);
+    assert_eq!(replicas[next].metric("muster_leader").await, Some(1.0));
+    assert_eq!(replicas[next].metric("muster_leader_epoch").await, Some((epoch + 1) as f64));
+    assert_eq!(replicas[next].metric("muster_leader_failovers_total").await, Some(1.0));
     let status = tokio::task::spawn_blocking(move || process.child.wait()).await??;
     assert!(status.success(), "a resigning leader exits cleanly: {status:?}");
     Ok(())
@@ -429,5 +451,46 @@ async fn a_postgresql_restart_under_load_loses_nothing_acknowledged() -> TestRes
     }
     println!("{} acknowledged across a PostgreSQL restart, all succeeded", acked.len());
     agent.cancel();
+    Ok(())
+}
+
+/// Online backup and verify on a PostgreSQL store, and the backup restored
+/// into a sled data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_store_is_backed_up_verified_and_restored_into_sled() -> TestResult {
+    let Some(pg) = pg_cluster() else { return Ok(()) };
+    let replica = Replica::new(&pg.url());
+    let endpoint = replica.endpoint();
+    let client = Client::connect(endpoint.clone()).await?;
+    wait_until_serving(&client).await;
+    let runs = Arc::new(Mutex::new(HashMap::new()));
+    let agent = recording_agent(std::slice::from_ref(&endpoint), runs);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(client.submit(NewTask::new("noop").build()).await?.id);
+    }
+    for id in &ids {
+        client.wait(id).await?;
+    }
+    let muster = |args: Vec<String>| async move {
+        tokio::process::Command::new(muster_bin()).args(args).env("RUST_LOG", "warn").output().await
+    };
+    let verified = muster(vec!["--server".into(), endpoint.clone(), "store".into(), "verify".into()]).await?;
+    assert!(verified.status.success(), "online verify: {}", String::from_utf8_lossy(&verified.stderr));
+    let file = replica.dir.path().join("pg.backup").display().to_string();
+    let backup =
+        muster(vec!["--server".into(), endpoint.clone(), "store".into(), "backup".into(), file.clone()]).await?;
+    assert!(backup.status.success(), "backup: {}", String::from_utf8_lossy(&backup.stderr));
+    let restored_dir = replica.dir.path().join("restored").display().to_string();
+    let restore =
+        muster(vec!["store".into(), "restore".into(), file, "--data-dir".into(), restored_dir.clone()]).await?;
+    assert!(restore.status.success(), "restore: {}", String::from_utf8_lossy(&restore.stderr));
+    agent.cancel();
+
+    let (_sled, sled_endpoint) = spawn_serve_process(std::path::Path::new(&restored_dir), &[]);
+    let restored = Client::connect(sled_endpoint).await?;
+    for id in &ids {
+        assert_eq!(restored.get(id).await?.state, TaskState::Succeeded, "{id} in the restored store");
+    }
     Ok(())
 }

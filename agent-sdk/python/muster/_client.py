@@ -361,6 +361,12 @@ class Client:
 
     # ---- fleet --------------------------------------------------------------
 
+    async def server(self) -> fleet_pb2.Server:
+        """The server answering: its version, its store (``sled`` or
+        ``postgres``) and the endpoint and lease epoch of the replica that
+        leads."""
+        return await _rpc(self._fleet.get_server(fleet_pb2.GetServerRequest(), metadata=self._metadata))
+
     async def list_agents(self, capability: str = "") -> builtins.list[fleet_pb2.Agent]:
         request = fleet_pb2.ListAgentsRequest(capability=capability)
         return list((await _rpc(self._fleet.list_agents(request, metadata=self._metadata))).agents)
@@ -437,6 +443,9 @@ class SyncClient:
 
     def get(self, task_id: str) -> task_pb2.Task:
         return self._run(self._client.get(task_id))
+
+    def server(self) -> fleet_pb2.Server:
+        return self._run(self._client.server())
 
     def list(self, **filters: Any) -> task_pb2.ListTasksResponse:
         return self._run(self._client.list(**filters))

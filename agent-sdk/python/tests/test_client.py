@@ -222,3 +222,13 @@ async def test_a_token_authenticated_server_serves_agents_and_clients_with_the_t
     assert done.state == task_pb2.TASK_STATE_SUCCEEDED
     assert done.output == b"secret work"
     assert done.submitted_by != ""
+
+
+async def test_server_names_the_version_the_store_and_itself_as_leader(
+    server: MusterServer, client: muster.Client
+) -> None:
+    info = await client.server()
+    assert info.store == "sled"
+    assert info.leader == server.endpoint
+    assert info.leader_epoch == 0
+    assert info.version

@@ -245,10 +245,12 @@ impl Drop for Process {
 /// endpoint, read from its first line of output.
 pub fn spawn_serve_process(data_dir: &Path, extra: &[&str]) -> (Process, String) {
     let listen = if extra.contains(&"--listen") { vec![] } else { vec!["--listen", "127.0.0.1:0"] };
+    let http = if extra.contains(&"--http-listen") { vec![] } else { vec!["--http-listen", "127.0.0.1:0"] };
     let mut child = Command::new(muster_bin())
         .arg("serve")
         .args(listen)
-        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
+        .args(http)
+        .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
         .env("RUST_LOG", "warn")
