@@ -254,14 +254,16 @@ async fn lead(
     let gate =
         Arc::new(auth::gate::Gate::new(config.auth_enabled(), tokens.clone(), config.limits.max_requests_per_second));
 
+    let fault = supervise::Fault::new(shutdown.clone());
+    // Renewed from the start: recovering a large store can outlast the lease.
+    let holding = held.clone().map(|held| tokio::spawn(held.hold(metrics.clone(), fault.clone(), shutdown.clone())));
     let core = scheduler::engine::Core::recover(config.clone(), store.clone(), tokio::time::Instant::now())?;
+
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (outboxes, outbox_rx) = mpsc::channel(WRITER_QUEUE);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (log_hub, ended_logs) = logs::LogHub::new(store.clone(), &config.limits, metrics.clone());
     let log_hub = Arc::new(log_hub);
-    let fault = supervise::Fault::new(shutdown.clone());
-    let holding = held.clone().map(|held| tokio::spawn(held.hold(metrics.clone(), fault.clone(), shutdown.clone())));
     let writer = scheduler::driver::Writer::new(
         store.clone(),
         config.durability,

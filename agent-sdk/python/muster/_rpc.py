@@ -96,6 +96,9 @@ class FleetStub:
         self.resume_agent: grpc.aio.UnaryUnaryMultiCallable[f.ResumeAgentRequest, f.Agent] = _unary(
             channel, _FLEET, "ResumeAgent", f.ResumeAgentRequest, f.Agent
         )
+        self.get_server: grpc.aio.UnaryUnaryMultiCallable[f.GetServerRequest, f.Server] = _unary(
+            channel, _FLEET, "GetServer", f.GetServerRequest, f.Server
+        )
 
 
 def connect_callable(
