@@ -109,6 +109,20 @@ pub(super) trait Changes {
     fn remove(&mut self, key: Vec<u8>);
 }
 
+/// The task a workflow-index key names.
+pub(super) fn workflow_member(k: &[u8]) -> Result<TaskId, StoreError> {
+    let bytes: [u8; 16] =
+        k.get(17..33).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::Codec("bad workflow key".into()))?;
+    Ok(TaskId::from_bytes(bytes))
+}
+
+/// The key and task of an idempotency-index entry.
+pub(super) fn idempotency_entry(k: &[u8], v: &[u8]) -> Result<(String, TaskId), StoreError> {
+    let name = String::from_utf8(k[1..].to_vec()).map_err(|e| StoreError::Codec(e.to_string()))?;
+    let bytes: [u8; 16] = v.try_into().map_err(|_| StoreError::Codec("bad idempotency value".into()))?;
+    Ok((name, TaskId::from_bytes(bytes)))
+}
+
 /// The changes of one write to the records, except what each store does
 /// its own way: events (grouped per batch, see [`event_records`]), the
 /// event log's cut (a range), and a removed task's attempt logs.

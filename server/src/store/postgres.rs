@@ -821,26 +821,12 @@ impl Store for PgStore {
     fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError> {
         self.scan_prefix(&key(WORKFLOW, &workflow.to_bytes()))?
             .iter()
-            .map(|(k, _)| {
-                let bytes: [u8; 16] = k
-                    .get(17..33)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| StoreError::Codec("bad workflow key".into()))?;
-                Ok(TaskId::from_bytes(bytes))
-            })
+            .map(|(k, _)| layout::workflow_member(k))
             .collect()
     }
 
     fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError> {
-        self.scan_prefix(&[IDEMPOTENCY])?
-            .into_iter()
-            .map(|(k, v)| {
-                let name = String::from_utf8(k[1..].to_vec()).map_err(|e| StoreError::Codec(e.to_string()))?;
-                let bytes: [u8; 16] =
-                    v.as_slice().try_into().map_err(|_| StoreError::Codec("bad idempotency value".into()))?;
-                Ok((name, TaskId::from_bytes(bytes)))
-            })
-            .collect()
+        self.scan_prefix(&[IDEMPOTENCY])?.iter().map(|(k, v)| layout::idempotency_entry(k, v)).collect()
     }
 
     fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError> {

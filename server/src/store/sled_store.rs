@@ -366,26 +366,11 @@ impl Store for SledStore {
 
     fn workflow_tasks(&self, workflow: WorkflowId) -> Result<Vec<TaskId>, StoreError> {
         let prefix = key(WORKFLOW, &workflow.to_bytes());
-        self.tree
-            .scan_prefix(&prefix)
-            .map(|item| {
-                let (k, _) = item.map_err(engine)?;
-                let bytes: [u8; 16] = k
-                    .get(17..33)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| StoreError::Codec("bad workflow key".into()))?;
-                Ok(TaskId::from_bytes(bytes))
-            })
-            .collect()
+        self.tree.scan_prefix(&prefix).keys().map(|k| layout::workflow_member(&k.map_err(engine)?)).collect()
     }
 
     fn idempotency_keys(&self) -> Result<Vec<(String, TaskId)>, StoreError> {
-        self.scan_prefix(IDEMPOTENCY, |k, v| {
-            let name = String::from_utf8(k[1..].to_vec()).map_err(|e| StoreError::Codec(e.to_string()))?;
-            let bytes: [u8; 16] =
-                v.as_ref().try_into().map_err(|_| StoreError::Codec("bad idempotency value".into()))?;
-            Ok((name, TaskId::from_bytes(bytes)))
-        })
+        self.scan_prefix(IDEMPOTENCY, layout::idempotency_entry)
     }
 
     fn put_log(&self, log: &AttemptLog) -> Result<(), StoreError> {
